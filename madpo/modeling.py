@@ -1,0 +1,231 @@
+"""Models and tokenizers: loading (hub id or local directory), building small ones offline, and the two forward
+helpers every layer shares: summed completion log-probs (policy, reference) and last-token rewards (reward model).
+
+Everything loads through transformers' `from_pretrained`, so a hub id and a local directory take the same path.
+`trust_remote_code` stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
+
+
+def resolve_dtype(dtype: str | None) -> torch.dtype | None:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(k for k in _DTYPES if k)} or null, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a hub id or local directory, with a pad token (EOS if it has none, as TRL does)."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _architectures(name_or_path: str, trust_remote_code: bool) -> list[str]:
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return list(getattr(config, "architectures", None) or [])
+
+
+def is_reward_model_dir(name_or_path: str, *, trust_remote_code: bool = False) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in _architectures(name_or_path, trust_remote_code))
+
+
+def load_causal_lm(
+    name_or_path: str, *, dtype: str | None = None, trust_remote_code: bool = False, pad_token_id: int | None = None
+) -> PreTrainedModel:
+    """An `AutoModelForCausalLM` from a hub id or directory (refuses a reward-model checkpoint)."""
+    if os.path.isdir(name_or_path) and is_reward_model_dir(name_or_path, trust_remote_code=trust_remote_code):
+        raise ValueError(
+            f"{name_or_path} holds a sequence-classification (reward) model; a causal LM was expected here"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def init_reward_model(
+    name_or_path: str, *, dtype: str | None = None, trust_remote_code: bool = False, pad_token_id: int | None = None
+) -> PreTrainedModel:
+    """A fresh reward model: the backbone of `name_or_path` plus a new `Linear(hidden, 1)` head."""
+    return AutoModelForSequenceClassification.from_pretrained(
+        name_or_path,
+        num_labels=1,
+        dtype=resolve_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+        pad_token_id=pad_token_id,
+    )
+
+
+def load_reward_model(
+    name_or_path: str, *, dtype: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """A trained reward model (as exported by `RewardLightningModule`): refuses anything that is not one."""
+    architectures = _architectures(name_or_path, trust_remote_code)
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        kind = "a causal LM (policy)" if any(a.endswith("ForCausalLM") for a in architectures) else "not a reward model"
+        raise ValueError(
+            f"reward_model={name_or_path!r} is {kind}: its config lists architectures {architectures}; expected a "
+            "*ForSequenceClassification checkpoint with num_labels=1, as RewardLightningModule exports"
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward_model={name_or_path!r} has num_labels={model.config.num_labels}; expected 1")
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Forward helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected, so they still act)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def sequence_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    fast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the completion tokens of each row, and their count.
+
+    log π(y|x) = Σ_{t ∈ completion} log p(input_ids[t] | input_ids[:t]).
+
+    The fast path runs the decoder once and applies the LM head only at positions that predict a completion token,
+    so prompt and padding logits are never materialised; `fast=False` is the plain full-logits computation it is
+    tested against. Returns `(logps (R,) float32, n_tokens (R,) long)`.
+    """
+    target_mask = completion_mask[:, 1:].bool()  # position t-1 predicts token t
+    targets = input_ids[:, 1:][target_mask]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
+    inner = _unwrap(model)
+    decoder = inner.get_decoder() if fast and hasattr(inner, "get_decoder") else None
+    head = inner.get_output_embeddings()
+    if decoder is not None and decoder is not inner and head is not None:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = head(hidden[:, :-1][target_mask])
+        softcap = getattr(inner.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][target_mask]
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    logps = logps.index_add(0, rows, token_logps)
+    return logps, target_mask.sum(1)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad token of each row, for left or right padding alike."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(1)
+
+
+def _score_head(model: nn.Module) -> nn.Module:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if head is not None:
+            return head
+    raise ValueError(f"{type(model).__name__} has no 'score' or 'classifier' head; cannot read rewards")
+
+
+def pair_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward r(x, y) of each row, read from the head at the last non-pad token (float32, shape (R,))."""
+    inner = _unwrap(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    last = last_token_index(attention_mask)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return _score_head(inner)(pooled).squeeze(-1).float()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fingerprints (cache keys) and small offline models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """Hash of every parameter and buffer (names, shapes, dtypes, values): a cache key for a model's outputs."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the vocabulary and special tokens: two tokenizers with equal fingerprints tokenize alike."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "class": type(tokenizer).__name__,
+    }
+    return hashlib.blake2b(json.dumps(payload).encode(), digest_size=16).hexdigest()
+
+
+def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 8192) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE tokenizer offline (seconds) and save it as a transformers tokenizer directory."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|bos|>", "<|eos|>"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=specials, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
+    )
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def build_causal_lm(
+    tokenizer: PreTrainedTokenizerBase, *, model_type: str = "llama", seed: int = 0, **config: Any
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of the given shape (e.g. hidden_size=256, num_hidden_layers=4)."""
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
