@@ -200,7 +200,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.blake2b(json.dumps(payload).encode(), digest_size=16).hexdigest()
 
 
-def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 8192) -> PreTrainedTokenizerBase:
+def train_bpe_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 8192
+) -> PreTrainedTokenizerBase:
     """Train a byte-level BPE tokenizer offline (seconds) and save it as a transformers tokenizer directory."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast

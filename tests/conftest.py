@@ -1,12 +1,18 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 # No hub at run time: fail fast instead of retrying DNS for ~45 s.
 for _flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_flag, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# datasets reads its cache location at import: keep the suite out of the user's cache
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="madpo-tests-datasets-"))
+# tiny models: thread start-up costs more than it saves, and the suite shares 2 cores with itself
+torch.set_num_threads(1)
 
 DATA = Path(__file__).parent / "data"
 TINY_LLAMA = str(DATA / "tiny-llama")
@@ -16,9 +22,3 @@ REPO = Path(__file__).parent.parent
 @pytest.fixture(scope="session")
 def tiny_llama() -> str:
     return TINY_LLAMA
-
-
-@pytest.fixture(autouse=True)
-def _isolated_hf_cache(tmp_path_factory, monkeypatch):
-    # datasets writes its cache under HF_HOME; keep tests out of the user's cache
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))

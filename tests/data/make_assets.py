@@ -45,15 +45,26 @@ def main() -> None:
     rng.shuffle(neg)
     tokenizer = train_bpe_tokenizer(pos[:2000] + neg[:2000], HERE / "tiny-llama", vocab_size=512)
     model = build_causal_lm(
-        tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, seed=0,
+        tokenizer,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        seed=0,
     )
     model.save_pretrained(HERE / "tiny-llama")
     print("tiny-llama:", sum(p.numel() for p in model.parameters()), "parameters")
 
     def pair(i: int) -> dict:
         words_p, words_n = pos[2000 + i].split(), neg[2000 + i].split()
-        return {"prompt": clip(words_p, 6), "chosen": " " + clip(words_p[6:], 20), "rejected": " " + clip(words_n[6:], 20)}
+        return {
+            "prompt": clip(words_p, 6),
+            "chosen": " " + clip(words_p[6:], 20),
+            "rejected": " " + clip(words_n[6:], 20),
+        }
 
     def sft(i: int) -> dict:
         words = pos[3000 + i].split()

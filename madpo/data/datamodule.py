@@ -1,0 +1,473 @@
+"""`PreferenceDataModule`: files / hub / in-memory rows -> validated -> tokenized -> (+ rm_margin, + reference
+log-probs) -> batches of docs/contracts.md.
+
+`setup()` does everything once (later calls for other stages return at once):
+
+1. load the tokenizer (`tokenizer`) and the rows of each split, validating them (`madpo.data.formats`);
+2. tokenize each split once (`madpo.data.tokenize`, cached by `datasets`), main process first under DDP;
+3. the handshake: read `trainer.lightning_module.data_requirements()` (default: pairs only) and refuse data that
+   cannot serve it; score `rm_margin` with `reward_model` and the reference log-probs with
+   `module.reference_model()` (`madpo.scoring`, DDP-sharded, cached under `cache_dir`).
+
+Every step's counts are kept in `self.stats` (the LightningModule logs them).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Literal
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import PreTrainedTokenizerBase
+
+from madpo.data.collate import PreferenceCollator
+from madpo.data.formats import IN_MEMORY, SFT, RawData, load_files, load_hub, load_in_memory
+from madpo.data.requirements import DataRequirements
+from madpo.data.tokenize import tokenize_dataset
+from madpo.modeling import load_reward_model, load_tokenizer, state_fingerprint, tokenizer_fingerprint
+from madpo.scoring import (
+    _barrier,
+    _dist,
+    cached_columns,
+    data_fingerprint,
+    score_margins,
+    score_reference_logps,
+)
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val")
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (it fills the `datasets` cache), then the other ranks (they read it)."""
+    rank, world = _dist()
+    if world > 1 and rank != 0:
+        _barrier()
+    try:
+        yield
+    finally:
+        if world > 1 and rank == 0:
+            _barrier()
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference (prompt/chosen/rejected) or SFT (prompt/completion) data for the madpo LightningModules.
+
+    Training data comes from `train_files`, from `dataset_name` (hub) or, in Python, from
+    `PreferenceDataModule.from_datasets(train, val)`. Validation data comes from `val_files`, from `val_split` of
+    `dataset_name`, or from a seeded `val_fraction` of the training rows.
+
+    Args:
+        train_files: local training file(s), `.json`/`.jsonl`/`.parquet`/`.csv` (globs allowed).
+        val_files: local validation file(s), same formats.
+        dataset_name: a hub dataset id (or any path `datasets.load_dataset` accepts), used when no `train_files`.
+        train_split: split of `dataset_name` to train on.
+        val_split: split of `dataset_name` to validate on (None: no hub validation split).
+        val_fraction: fraction of the training rows held out for validation (seeded by `seed`) when no validation
+            source is given; 0 disables.
+        tokenizer: hub id or local directory of the tokenizer (must match the policy's; required).
+        max_length: maximum tokens of prompt + completion; completions are cut (end) to fit.
+        max_prompt_length: maximum prompt tokens; longer prompts keep their end (and a leading BOS).
+        batch_size: training batch size, in pairs (a batch holds 2 x batch_size sequences).
+        eval_batch_size: validation batch size in pairs (None: `batch_size`).
+        num_workers: DataLoader worker processes.
+        pad_to_multiple_of: round padded batch lengths up to this multiple (e.g. 8); None: no rounding.
+        reward_model: directory or hub id of a trained reward model (`*ForSequenceClassification`, num_labels=1, with
+            its tokenizer saved alongside); when given, `rm_margin` = r(chosen) - r(rejected) is scored once and
+            cached.
+        scoring_batch_size: batch size (in pairs) for scoring rm_margin and reference log-probs.
+        cache_dir: directory of the scoring cache (rm_margin, reference log-probs), keyed by data, model, tokenizer
+            and lengths.
+        invalid_rows: what to do with a malformed row: "raise" (error naming file, row and field) or "drop" (drop,
+            count and log it).
+        seed: seed of the `val_fraction` split and of the training shuffle.
+        trust_remote_code: allow custom code of hub tokenizers/models.
+    """
+
+    def __init__(
+        self,
+        train_files: str | list[str] | None = None,
+        val_files: str | list[str] | None = None,
+        dataset_name: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        val_fraction: float = 0.0,
+        tokenizer: str | None = None,
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pad_to_multiple_of: int | None = None,
+        reward_model: str | None = None,
+        scoring_batch_size: int = 32,
+        cache_dir: str = ".cache/madpo",
+        invalid_rows: Literal["raise", "drop"] = "raise",
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if max_prompt_length >= max_length:
+            raise ValueError(
+                f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length}), leaving room for the "
+                "completion"
+            )
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1) or scoring_batch_size < 1:
+            raise ValueError("batch_size, eval_batch_size and scoring_batch_size must be >= 1")
+        if invalid_rows not in ("raise", "drop"):
+            raise ValueError(f"invalid_rows must be 'raise' or 'drop', got {invalid_rows!r}")
+        self._train_source: datasets.Dataset | None = None
+        self._val_source: datasets.Dataset | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_dataset: datasets.Dataset | None = None
+        self.format: str | None = None
+        self.requirements: DataRequirements | None = None
+        self.stats: dict[str, Any] = {}
+        self._is_setup = False
+
+    @classmethod
+    def from_datasets(
+        cls, train: datasets.Dataset | None, val: datasets.Dataset | None = None, **kwargs: Any
+    ) -> PreferenceDataModule:
+        """A datamodule over in-memory `datasets.Dataset`s (library use); `kwargs` are the other `__init__` args."""
+        for name in ("train_files", "val_files", "dataset_name"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"from_datasets takes the data as datasets; do not also pass {name}")
+        dm = cls(**kwargs)
+        dm._train_source, dm._val_source = train, val
+        return dm
+
+    # --------------------------------------------------------------------------------------------------------------
+    # Tokenizer and collator
+    # --------------------------------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The data tokenizer (loaded on first use from the `tokenizer` argument)."""
+        if self._tokenizer is None:
+            if self.hparams.tokenizer is None:
+                raise ValueError(
+                    "PreferenceDataModule needs a tokenizer: pass --data.tokenizer (a hub id or local directory, the "
+                    "policy's tokenizer)"
+                )
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer, trust_remote_code=self.hparams.trust_remote_code)
+        return self._tokenizer
+
+    @property
+    def collator(self) -> PreferenceCollator:
+        return PreferenceCollator(self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of)
+
+    # --------------------------------------------------------------------------------------------------------------
+    # setup
+    # --------------------------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._is_setup:
+            return
+        tokenizer = self.tokenizer
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        req = module.data_requirements() if module is not None and hasattr(module, "data_requirements") else None
+        # without a module nothing is required: the data is served as it is
+        self.requirements = req = req if req is not None else DataRequirements(pairs=False)
+        with main_process_first():
+            raws = self._load_raw(stage)
+            self.format = next(iter(raws.values())).format
+            self._check_requirements(req, raws)  # before any tokenization or scoring
+            tokenized = {}
+            for split, raw in raws.items():
+                tokenized[split], tok_stats = tokenize_dataset(
+                    raw,
+                    tokenizer,
+                    max_length=self.hparams.max_length,
+                    max_prompt_length=self.hparams.max_prompt_length,
+                    split=split,
+                )
+                self.stats[split] = {
+                    "sources": raw.sources,
+                    "format": raw.format + (" (conversational)" if raw.conversational else ""),
+                    "rows_loaded": raw.rows_in,
+                    "rows_dropped": dict(raw.dropped),
+                    "tokenize": tok_stats.as_dict(),
+                }
+        if "train" in tokenized and len(tokenized["train"]) == 0:
+            raise ValueError(f"no training rows left after validation and tokenization: {self.stats['train']}")
+        if "val" in tokenized and len(tokenized["val"]) == 0:
+            log.warning("no validation rows left after validation and tokenization; validation is skipped")
+            del tokenized["val"]
+        if self.hparams.reward_model is not None:
+            self._add_rm_margins(tokenized)
+        if req.reference_logps:
+            self._add_reference_logps(module, tokenized)
+        self.train_dataset = tokenized.get("train")
+        self.val_dataset = tokenized.get("val")
+        for split, ds in tokenized.items():
+            self.stats[split]["rows"] = len(ds)
+            self.stats[split]["columns"] = ds.column_names
+        log.info("PreferenceDataModule stats: %s", json.dumps(self.stats, default=str))
+        self._is_setup = True
+
+    def _load_raw(self, stage: str | None) -> dict[str, RawData]:
+        hp = self.hparams
+        policy = hp.invalid_rows
+        has_val_source = (
+            self._val_source is not None
+            or hp.val_files is not None
+            or (hp.dataset_name is not None and hp.val_split is not None)
+        )
+        if self._train_source is not None:
+            train: RawData | None = load_in_memory(self._train_source, invalid_rows=policy)
+        elif hp.train_files is not None:
+            train = load_files(hp.train_files, invalid_rows=policy)
+        elif hp.dataset_name is not None:
+            train = load_hub(hp.dataset_name, hp.train_split, invalid_rows=policy)
+        elif has_val_source and stage not in (None, "fit"):
+            train = None
+        else:
+            raise ValueError(
+                "no training data: pass --data.train_files (local files) or --data.dataset_name (a hub dataset), or "
+                "use PreferenceDataModule.from_datasets(train, val)"
+            )
+
+        if self._val_source is not None:
+            val: RawData | None = load_in_memory(
+                self._val_source, invalid_rows=policy, source=f"{IN_MEMORY} (validation)"
+            )
+        elif hp.val_files is not None:
+            val = load_files(hp.val_files, invalid_rows=policy)
+        elif hp.dataset_name is not None and hp.val_split is not None:
+            val = load_hub(hp.dataset_name, hp.val_split, invalid_rows=policy)
+        else:
+            val = None
+        if hp.val_fraction > 0:
+            if val is not None:
+                raise ValueError(
+                    "val_fraction splits the training data and cannot be combined with a validation source"
+                )
+            assert train is not None
+            train, val = self._split(train, hp.val_fraction, hp.seed)
+
+        raws = {name: raw for name, raw in (("train", train), ("val", val)) if raw is not None}
+        kinds = {(r.format, r.conversational) for r in raws.values()}
+        if len(kinds) > 1:
+            raise ValueError(
+                "training and validation data must share one format; got "
+                + ", ".join(
+                    f"{s}: {r.format}{' (conversational)' if r.conversational else ''}" for s, r in raws.items()
+                )
+            )
+        return raws
+
+    @staticmethod
+    def _split(raw: RawData, fraction: float, seed: int) -> tuple[RawData, RawData]:
+        """Seeded train/validation split of validated rows (`index` keeps pointing at the source rows)."""
+        if len(raw.dataset) < 2:
+            raise ValueError(f"val_fraction={fraction} needs at least 2 training rows, got {len(raw.dataset)}")
+        fp = hashlib.blake2b(f"{raw.dataset._fingerprint}-{fraction}-{seed}".encode(), digest_size=8).hexdigest()
+        parts = raw.dataset.train_test_split(
+            test_size=fraction, seed=seed, train_new_fingerprint=f"{fp}-train", test_new_fingerprint=f"{fp}-val"
+        )
+        sources = [f"{s} (val_fraction={fraction}, seed={seed})" for s in raw.sources]
+        train = replace(raw, dataset=parts["train"], sources=list(raw.sources))
+        val = replace(raw, dataset=parts["test"], rows_in=len(parts["test"]), dropped={}, sources=sources)
+        return train, val
+
+    def _check_requirements(self, req: DataRequirements, raws: dict[str, RawData]) -> None:
+        if self.format == SFT and (req.pairs or req.reference_logps or req.rm_margin):
+            needs = [
+                n
+                for n, v in (
+                    ("pairs", req.pairs),
+                    ("reference_logps", req.reference_logps),
+                    ("rm_margin", req.rm_margin),
+                )
+                if v
+            ]
+            sources = sorted({s for r in raws.values() for s in r.sources})
+            raise ValueError(
+                f"the model needs preference pairs ({', '.join(needs)}): columns prompt/chosen/rejected, but the data "
+                f"{sources} is in SFT format (prompt/completion)"
+            )
+        if self.format == SFT and self.hparams.reward_model is not None:
+            raise ValueError("reward_model scores preference pairs; the data is in SFT format (prompt/completion)")
+        if req.rm_margin and self.hparams.reward_model is None:
+            lacking = [s for s, r in raws.items() if "rm_margin" not in r.dataset.column_names]
+            if lacking:
+                raise ValueError(
+                    f"the model needs an rm_margin per pair but the {' and '.join(lacking)} data has no 'rm_margin' "
+                    "column: pass --data.reward_model (a trained reward model to score the margins) or provide an "
+                    "'rm_margin' column in the data"
+                )
+
+    # --------------------------------------------------------------------------------------------------------------
+    # Scoring (rm_margin, reference log-probs)
+    # --------------------------------------------------------------------------------------------------------------
+
+    def _scoring_context(self) -> tuple[torch.device, Any, str]:
+        """(device, forward_context, precision) for scoring: the trainer's when one is attached, else CPU fp32."""
+        if self.trainer is None:
+            return torch.device("cpu"), None, "32-true"
+        plugin = self.trainer.precision_plugin
+        return self.trainer.strategy.root_device, plugin.forward_context, str(getattr(plugin, "precision", None))
+
+    def _key_parts(self, dataset: datasets.Dataset, model: torch.nn.Module, precision: str) -> dict[str, Any]:
+        return {
+            "data": data_fingerprint(dataset),
+            "model": state_fingerprint(model),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "max_length": self.hparams.max_length,
+            "max_prompt_length": self.hparams.max_prompt_length,
+            "precision": precision,
+        }
+
+    @staticmethod
+    def _set_column(dataset: datasets.Dataset, name: str, values: torch.Tensor) -> datasets.Dataset:
+        if name in dataset.column_names:
+            dataset = dataset.remove_columns(name)
+        return dataset.add_column(name, values.double().tolist())
+
+    def _add_rm_margins(self, tokenized: dict[str, datasets.Dataset]) -> None:
+        path = self.hparams.reward_model
+        rm_tokenizer = load_tokenizer(path, trust_remote_code=self.hparams.trust_remote_code)
+        if tokenizer_fingerprint(rm_tokenizer) != tokenizer_fingerprint(self.tokenizer):
+            raise ValueError(
+                f"the reward model's tokenizer ({path}) differs from the data tokenizer ({self.hparams.tokenizer}): "
+                "margins would be scored on token ids it was not trained on; train the reward model with the "
+                "policy's tokenizer"
+            )
+        device, forward_context, precision = self._scoring_context()
+        model = load_reward_model(path, trust_remote_code=self.hparams.trust_remote_code).to(device).eval()
+        model.requires_grad_(False)
+        try:
+            self._score_rm_margins(model, tokenized, device, forward_context, precision)
+        finally:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _score_rm_margins(
+        self,
+        model: torch.nn.Module,
+        tokenized: dict[str, datasets.Dataset],
+        device: torch.device,
+        forward_context: Any,
+        precision: str,
+    ) -> None:
+        path = self.hparams.reward_model
+        for split, ds in tokenized.items():
+            if "rm_margin" in ds.column_names:
+                log.warning(
+                    "%s data already has an rm_margin column; reward_model=%s's margins replace it", split, path
+                )
+
+            def compute(ds: datasets.Dataset = ds) -> dict[str, torch.Tensor]:
+                margins = score_margins(
+                    model,
+                    ds,
+                    self.collator,
+                    batch_size=self.hparams.scoring_batch_size,
+                    device=device,
+                    forward_context=forward_context,
+                )
+                return {"rm_margin": margins}
+
+            columns, hit = cached_columns(
+                self.hparams.cache_dir,
+                "rm_margin",
+                self._key_parts(ds, model, precision),
+                compute,
+                num_rows=len(ds),
+            )
+            tokenized[split] = self._set_column(ds, "rm_margin", columns["rm_margin"])
+            self.stats[split]["rm_margin"] = {
+                "source": f"reward_model={path}",
+                "cache": "hit" if hit else "miss",
+                "mean": float(columns["rm_margin"].mean()) if len(ds) else float("nan"),
+            }
+
+    def _add_reference_logps(self, module: Any, tokenized: dict[str, datasets.Dataset]) -> None:
+        if not hasattr(module, "reference_model"):
+            raise ValueError(
+                f"{type(module).__name__}.data_requirements() asks for reference log-probs but the module has no "
+                "reference_model() context manager"
+            )
+        device, forward_context, precision = self._scoring_context()
+        with module.reference_model() as ref:
+            for split, ds in tokenized.items():
+
+                def compute(ds: datasets.Dataset = ds) -> dict[str, torch.Tensor]:
+                    chosen, rejected = score_reference_logps(
+                        ref,
+                        ds,
+                        self.collator,
+                        batch_size=self.hparams.scoring_batch_size,
+                        device=device,
+                        forward_context=forward_context,
+                    )
+                    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+                columns, hit = cached_columns(
+                    self.hparams.cache_dir,
+                    "ref_logps",
+                    self._key_parts(ds, ref, precision),
+                    compute,
+                    num_rows=len(ds),
+                )
+                for name in ("ref_chosen_logps", "ref_rejected_logps"):
+                    ds = self._set_column(ds, name, columns[name])
+                tokenized[split] = ds
+                self.stats[split]["reference_logps"] = {"cache": "hit" if hit else "miss"}
+
+    # --------------------------------------------------------------------------------------------------------------
+    # DataLoaders
+    # --------------------------------------------------------------------------------------------------------------
+
+    def _replicas(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0))
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise RuntimeError("no training data: call setup('fit') first (the Trainer does) with a training source")
+        # One epoch-seeded permutation (seed + epoch; Lightning calls set_epoch) for any number of processes: a
+        # resumed run sees the same order as an uninterrupted one, and N ranks together see exactly the batches a
+        # single process sees with an N-times larger batch. Lightning keeps a DistributedSampler it is given.
+        world, rank = self._replicas()
+        sampler = DistributedSampler(
+            self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed, drop_last=False
+        )
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        world, rank = self._replicas()
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            sampler=DistributedSampler(self.val_dataset, num_replicas=world, rank=rank, shuffle=False),
+            collate_fn=self.collator,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )

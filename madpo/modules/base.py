@@ -1,0 +1,246 @@
+"""The step skeleton both LightningModules share: forward on the stacked 2B batch, per-pair statistics gathered
+across ranks, torchmetrics with the same names in train and val, a finite-loss guard, the optimiser and schedule,
+and export to a plain transformers directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric, MinMetric
+
+from madpo.data.requirements import DataRequirements
+from madpo.modeling import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapter options (peft). The base stays frozen; only adapter (and head) parameters train."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator (lora_alpha)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names to adapt."""
+    adapter_path: str | None = None
+    """Load an existing adapter (e.g. the SFT adapter) instead of creating a new one."""
+    freeze_loaded_adapter: bool = True
+    """With adapter_path: keep the loaded adapter frozen and train a new one on top (the paper's setup)."""
+
+
+@dataclass
+class OptimizerOptions:
+    """AdamW with linear warmup then cosine decay to zero (the paper's schedule)."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay on matrices (biases and norm weights are not decayed)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_ratio: float = 0.03
+    """Fraction of the total optimiser steps spent in linear warmup (int(ratio * total))."""
+    schedule: str = "cosine"
+    """'cosine' or 'constant' after warmup."""
+
+
+def _metric_key(name: str) -> str:
+    return name.replace("/", "__")
+
+
+class PairwiseModule(L.LightningModule):
+    """Base class: subclasses implement `compute(batch, stage) -> (loss, per_pair_stats, scalar_stats)`.
+
+    `per_pair_stats` maps metric names to (B,) tensors; they are gathered across ranks every step (one collective),
+    so step and epoch values are those of the global batch, identical on every rank and equal to a single-process
+    run on the same global batch. Names ending in `_min`/`_max` reduce with min/max, all others with a mean.
+    """
+
+    metric_names: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_metrics": nn.ModuleDict({_metric_key(n): self._new_metric(n) for n in self.metric_names})
+                for stage in ("train", "val")
+            }
+        )  # ("train" itself would shadow nn.Module.train)
+
+    @staticmethod
+    def _new_metric(name: str) -> nn.Module:
+        cls = MinMetric if name.endswith("_min") else MaxMetric if name.endswith("_max") else MeanMetric
+        return cls(sync_on_compute=False)  # inputs are already gathered across ranks
+
+    # ---- the handshake with PreferenceDataModule ---------------------------------------------------------------
+    def data_requirements(self) -> DataRequirements:
+        return DataRequirements(pairs=True)
+
+    # ---- distributed helpers ------------------------------------------------------------------------------------
+    def gather_pairs(self, x: torch.Tensor) -> torch.Tensor:
+        """All-gather a per-pair tensor (B, ...) into (world*B, ...) in rank order (identity on one process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        gathered = self.all_gather(x)
+        return gathered.reshape(-1, *x.shape[1:])
+
+    def global_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.trainer.strategy.reduce(x.clone(), reduce_op="sum")
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self._trainer is None else self.trainer.world_size
+
+    # ---- steps --------------------------------------------------------------------------------------------------
+    def compute(
+        self, batch: dict[str, torch.Tensor], stage: str
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, batch_idx, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, batch_idx, "val")
+
+    def _step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
+        loss, per_pair, scalars = self.compute(batch, stage)
+        self._check_finite(loss, per_pair.get("loss"), batch, batch_idx, stage)
+        self._log_stats(stage, per_pair, scalars)
+        return loss
+
+    def _check_finite(
+        self,
+        loss: torch.Tensor,
+        losses: torch.Tensor | None,
+        batch: dict[str, torch.Tensor],
+        batch_idx: int,
+        stage: str,
+    ) -> None:
+        if torch.isfinite(loss):
+            return
+        bad = batch["index"].tolist()
+        if losses is not None and losses.numel() == batch["index"].numel():
+            bad = batch["index"][~torch.isfinite(losses.detach())].tolist() or bad
+        raise FloatingPointError(
+            f"non-finite {stage} loss ({loss.item()}) at global step {self.global_step}, batch {batch_idx}, "
+            f"rank {self.global_rank}; offending pair indices (rows of the {stage} split): {bad}"
+        )
+
+    def _log_stats(self, stage: str, per_pair: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]) -> None:
+        metrics = self.metrics[f"{stage}_metrics"]
+        names = [n for n in per_pair if _metric_key(n) in metrics]
+        if names:
+            stacked = torch.stack([per_pair[n].detach().float() for n in names], dim=1)
+            stacked = self.gather_pairs(stacked)
+            on_step = stage == "train"
+            for i, name in enumerate(names):
+                metric = metrics[_metric_key(name)]
+                metric(stacked[:, i])
+                self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, batch_size=stacked.shape[0])
+        for name, value in scalars.items():
+            self.log(f"{stage}/{name}", value.detach().float(), on_step=stage == "train", on_epoch=True, batch_size=1)
+
+    # ---- optimiser ----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        opt: OptimizerOptions = self.optimizer_options
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=opt.lr,
+            betas=tuple(opt.betas),
+            eps=opt.eps,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(opt.warmup_ratio * total)
+        if opt.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {opt.schedule!r}")
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if opt.schedule == "constant":
+                return 1.0
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.trainer.optimizers:
+            self.log(
+                "train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1
+            )
+
+    # ---- export -------------------------------------------------------------------------------------------------
+    def default_export_dir(self) -> str | None:
+        if self._trainer is None:
+            return None
+        return os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "hf_model")
+
+    def export(self, out_dir: str, *, merge_adapter: bool = False) -> str:
+        """Write the model as a plain transformers directory: safetensors weights, config, tokenizer, model card."""
+        model = self.model
+        if merge_adapter and hasattr(model, "merge_and_unload"):
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        os.makedirs(out_dir, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        load_tokenizer(
+            self.hparams.model_name_or_path, trust_remote_code=self.hparams.trust_remote_code
+        ).save_pretrained(out_dir)
+        metrics = {}
+        if self._trainer is not None:
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        card = {
+            "library": "madpo",
+            "module": type(self).__name__,
+            "hparams": _jsonable(dict(self.hparams)),
+            "metrics": metrics,
+        }
+        with open(os.path.join(out_dir, "README.md"), "w") as f:
+            f.write(f"# {type(self).__name__} export (madpo)\n\nLoads with plain transformers.\n\n")
+            f.write("```json\n" + json.dumps(card, indent=2, sort_keys=True) + "\n```\n")
+        return out_dir
+
+    def on_fit_end(self) -> None:
+        if not self.hparams.get("export", True):
+            return
+        out_dir = self.hparams.get("export_dir") or self.default_export_dir()
+        if out_dir and self.trainer.is_global_zero:
+            self.export(out_dir)
+            print(f"[madpo] {type(self).__name__} exported to {out_dir}")
+        if self.trainer.world_size > 1:
+            self.trainer.strategy.barrier("madpo-export")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return _jsonable(asdict(value))
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

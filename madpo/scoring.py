@@ -1,0 +1,302 @@
+"""Batched no-grad scoring of a tokenized dataset: reward-model margins and reference log-probs, DDP-sharded and
+cached on disk.
+
+- `score_margins`: rm_margin = r(prompt + chosen) - r(prompt + rejected), raw float32 (no normalisation, no clipping),
+  with the reward model in `eval()` under `torch.no_grad()` (docs: method.md §3).
+- `score_reference_logps`: summed completion log-probs of chosen and rejected under a frozen reference model.
+
+Both run the 2B `[chosen; rejected]` batch of `PreferenceCollator` through the shared helpers of `madpo.modeling`
+(`pair_rewards`, `sequence_logps`), so scoring and training read rewards and log-probs identically. Inside each rank
+rows are scored longest first (less padding, and an out-of-memory error shows up on the first batch), then put back
+in dataset order. Under `torch.distributed` each rank scores a contiguous shard and the shards are all-gathered, so
+every rank returns the full `(N,)` result in dataset order.
+
+`cached_columns` stores such results as safetensors files keyed by a hash of everything that determines them
+(data content, model weights, tokenizer, lengths, kind), written atomically (temp file + `os.replace`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from madpo.modeling import pair_rewards, sequence_logps
+
+log = logging.getLogger(__name__)
+
+ForwardContext = Callable[[], AbstractContextManager]
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops without an initialised process group)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    rank, world = _dist()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        torch.distributed.barrier()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Scoring
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _score(
+    model: nn.Module,
+    dataset: datasets.Dataset,
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    *,
+    width: int,
+    batch_size: int,
+    device: torch.device | str | None,
+    forward_context: ForwardContext | None,
+    sort_by_length: bool,
+    progress: bool,
+    desc: str,
+) -> torch.Tensor:
+    """(N, width) float32 results of `fn(model, batch)` over the dataset, in dataset order, on every rank."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    missing = [c for c in TOKEN_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{desc}: needs preference rows with columns {list(TOKEN_COLUMNS)}; missing {missing}")
+    device = torch.device(device) if device is not None else _device_of(model)
+    forward_context = forward_context or nullcontext
+    rank, world = _dist()
+    n = len(dataset)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    columns = dataset.select_columns(["index", *TOKEN_COLUMNS]).with_format(None)[lo:hi] if hi > lo else None
+    local = torch.empty(hi - lo, width, dtype=torch.float32)
+    if columns is not None:
+        lengths = np.array(
+            [
+                len(p) + max(len(c), len(r))
+                for p, c, r in zip(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], strict=True)
+            ]
+        )
+        order = np.argsort(-lengths, kind="stable") if sort_by_length else np.arange(hi - lo)
+        names = list(columns)
+        was_training = model.training
+        model.eval()
+        bar = tqdm(total=hi - lo, desc=desc, unit="pair", disable=not progress or rank != 0 or not sys.stderr.isatty())
+        try:
+            with torch.no_grad():
+                for start in range(0, hi - lo, batch_size):
+                    rows = order[start : start + batch_size]
+                    batch = collator([{k: columns[k][j] for k in names} for j in rows])
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    with forward_context():
+                        out = fn(model, batch)
+                    local[torch.from_numpy(rows)] = out.detach().float().reshape(len(rows), width).cpu()
+                    bar.update(len(rows))
+        finally:
+            bar.close()
+            model.train(was_training)
+    if world == 1:
+        return local
+    return torch.cat(_all_gather(local), 0)  # contiguous shards in rank order = dataset order
+
+
+def _margin_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    rewards = pair_rewards(model, batch["input_ids"], batch["attention_mask"])
+    b = rewards.shape[0] // 2
+    return rewards[:b] - rewards[b:]
+
+
+def _logps_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    b = logps.shape[0] // 2
+    return torch.stack([logps[:b], logps[b:]], 1)
+
+
+def score_margins(
+    reward_model: nn.Module,
+    dataset: datasets.Dataset,
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    *,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    forward_context: ForwardContext | None = None,
+    sort_by_length: bool = True,
+    progress: bool = True,
+) -> torch.Tensor:
+    """rm_margin = r(prompt + chosen) - r(prompt + rejected) of every pair: raw float32 `(N,)` in dataset order.
+
+    The model is put in `eval()` for the pass (its train/eval mode is restored after) and must already be on
+    `device` (default: the device of its parameters). `forward_context` (e.g. Lightning's
+    `precision_plugin.forward_context`) wraps each forward.
+    """
+    return _score(
+        reward_model,
+        dataset,
+        collator,
+        _margin_fn,
+        width=1,
+        batch_size=batch_size,
+        device=device,
+        forward_context=forward_context,
+        sort_by_length=sort_by_length,
+        progress=progress,
+        desc="Scoring rm_margin",
+    )[:, 0]
+
+
+def score_reference_logps(
+    model: nn.Module,
+    dataset: datasets.Dataset,
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    *,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    forward_context: ForwardContext | None = None,
+    sort_by_length: bool = True,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs `(chosen (N,), rejected (N,))` float32 under `model` (eval, no grad)."""
+    out = _score(
+        model,
+        dataset,
+        collator,
+        _logps_fn,
+        width=2,
+        batch_size=batch_size,
+        device=device,
+        forward_context=forward_context,
+        sort_by_length=sort_by_length,
+        progress=progress,
+        desc="Scoring reference log-probs",
+    )
+    return out[:, 0].contiguous(), out[:, 1].contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Cache
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def data_fingerprint(dataset: datasets.Dataset, columns: tuple[str, ...] = TOKEN_COLUMNS) -> str:
+    """Hash of the token content of a tokenized dataset (row count, lengths and ids of `columns`, in order).
+
+    Content-based rather than `dataset._fingerprint`, so equal data gives an equal key whatever its history (files,
+    in-memory, split), and any change of a token changes it.
+    """
+    names = [c for c in columns if c in dataset.column_names]
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([len(dataset), names]).encode())
+    if len(dataset) and names:
+        for table in dataset.select_columns(names).with_format("arrow").iter(batch_size=8192):
+            for name in names:
+                column = table.column(name)
+                if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                    parts = [pc.list_value_length(column), pc.list_flatten(column)]
+                else:
+                    parts = [column]
+                for part in parts:
+                    digest.update(np.asarray(part.to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(kind: str, key_parts: dict[str, Any]) -> str:
+    """blake2b of the JSON of `kind` and `key_parts` (sorted keys): any changed part gives another key."""
+    payload = json.dumps({"kind": kind, "parts": key_parts}, sort_keys=True, default=str)
+    return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
+
+
+def cache_path(cache_dir: str | os.PathLike, kind: str, key_parts: dict[str, Any]) -> Path:
+    return Path(cache_dir) / f"{kind}-{cache_key(kind, key_parts)}.safetensors"
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
+    """`save_file` to a temporary name in the same folder, then `os.replace`: a file at `path` is always complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _try_load(path: Path, num_rows: int | None) -> dict[str, torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - an unreadable cache is a miss, said aloud
+        log.warning("cache file %s is unreadable (%s: %s); recomputing", path, type(e).__name__, e)
+        return None
+    if num_rows is not None and any(t.shape != (num_rows,) for t in tensors.values()):
+        log.warning("cache file %s does not hold (%d,) columns; recomputing", path, num_rows)
+        return None
+    return tensors
+
+
+def cached_columns(
+    cache_dir: str | os.PathLike,
+    kind: str,
+    key_parts: dict[str, Any],
+    compute: Callable[[], dict[str, torch.Tensor]],
+    *,
+    num_rows: int | None = None,
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """`(columns, hit)`: the cached columns for `(kind, key_parts)`, or `compute()`'s result, then cached.
+
+    Under DDP every rank must call this (compute is collective); it is a hit only if every rank can read the file,
+    only rank 0 writes, and all ranks meet at a barrier after the write.
+    """
+    path = cache_path(cache_dir, kind, key_parts)
+    loaded = _try_load(path, num_rows)
+    hit = all(_all_gather(loaded is not None))
+    if hit:
+        assert loaded is not None
+        log.info("%s: cache hit %s", kind, path)
+        return loaded, True
+    log.info("%s: cache miss, computing %s", kind, path)
+    tensors = compute()
+    if _dist()[0] == 0:
+        atomic_save(tensors, path, metadata={"kind": kind, "key_parts": json.dumps(key_parts, default=str)})
+    _barrier()
+    return tensors, False

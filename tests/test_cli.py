@@ -1,0 +1,141 @@
+"""The LightningCLI surface: every tiny config fits end to end, logs TRL's metric names, checkpoints and resumes."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from madpo.cli import cli_main
+from madpo.modeling import load_tokenizer
+from tests.conftest import REPO, TINY_LLAMA
+from tests.helpers import scalars, tiny_args
+
+SHORT = (
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+)
+POLICY_METRICS = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+]
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("rm")
+    cli_main(tiny_args("reward.yaml", tmp, *SHORT))
+    (path,) = glob.glob(str(tmp / "runs" / "run" / "version_0" / "hf_model"))
+    return path
+
+
+def test_print_config_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "-c", str(REPO / "configs/tiny/madpo.yaml"), "--print_config"])
+    out = capsys.readouterr().out
+    for key in ("c_max:", "tau:", "variant:", "reward_model:", "max_prompt_length:", "checkpoint:", "warmup_ratio:"):
+        assert key in out, key
+
+
+def test_help_shows_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.help", "madpo.PolicyLightningModule"])
+    assert "MADPO amplification intensity" in capsys.readouterr().out
+
+
+def test_unknown_config_key_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "-c", str(REPO / "configs/tiny/dpo.yaml"), "--model.init_args.c_maks=3"])
+    assert "c_maks" in capsys.readouterr().err
+
+
+def test_reward_fit_exports_a_plain_transformers_model(reward_model_dir, tmp_path):
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir)
+    assert model.config.num_labels == 1
+    tok = load_tokenizer(reward_model_dir)
+    assert tok.get_vocab() == load_tokenizer(TINY_LLAMA).get_vocab()
+    log_dir = os.path.dirname(reward_model_dir)
+    tags = scalars(log_dir)
+    for name in ("loss", "accuracy", "margin"):
+        assert f"train/{name}_step" in tags and f"val/{name}" in tags, name
+    assert os.path.exists(os.path.join(log_dir, "checkpoints", "last.ckpt"))
+
+
+@pytest.mark.parametrize("config", ["sft.yaml", "dpo.yaml", "ipo.yaml", "beta_dpo.yaml", "madpo.yaml"])
+def test_policy_config_fits_and_logs(config, reward_model_dir, tmp_path):
+    extra = list(SHORT)
+    if config == "madpo.yaml":
+        extra.append(f"--data.reward_model={reward_model_dir}")
+    cli_main(tiny_args(config, tmp_path, *extra))
+    log_dir = tmp_path / "runs" / "run" / "version_0"
+    tags = scalars(log_dir)
+    expected = ["loss"] if config == "sft.yaml" else list(POLICY_METRICS)
+    expected += {
+        "madpo.yaml": ["madpo/weight_mean", "madpo/weight_min", "madpo/weight_max", "rm/margin_mean"],
+        "beta_dpo.yaml": ["beta/effective", "beta_dpo/kept"],
+    }.get(config, [])
+    for name in expected:
+        assert f"train/{name}_step" in tags or f"train/{name}" in tags, name
+        assert f"val/{name}" in tags, name
+    assert [s for s, _ in tags["train/loss_step"]] == [0, 1, 2] if "train/loss_step" in tags else True
+    ckpt = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert all(k.startswith(("model.", "metrics.", "beta_dpo.")) for k in ckpt["state_dict"])
+    policy = AutoModelForCausalLM.from_pretrained(log_dir / "hf_model")
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    for name, value in policy.state_dict().items():
+        torch.testing.assert_close(value, state[name], msg=name)
+
+
+def _final_params(log_dir) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(os.path.join(log_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True)
+    return ckpt["state_dict"]
+
+
+@pytest.mark.parametrize("config", ["dpo.yaml", "beta_dpo.yaml"])
+def test_resumed_run_equals_uninterrupted_run(config, tmp_path):
+    """Train 2 epochs straight, and 1 epoch + resume from last.ckpt: same parameters and losses."""
+    common = [
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+    ]
+    cli_main(tiny_args(config, tmp_path, *common, name="straight"))
+    first = cli_main(tiny_args(config, tmp_path, *common, name="resumed")[1:], run=False)
+
+    from lightning.pytorch.callbacks import Callback
+
+    class Stop(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    first.trainer.callbacks.append(Stop())
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    resumed_dir = tmp_path / "runs" / "resumed" / "version_0"
+    assert torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    second = cli_main(tiny_args(config, tmp_path, *common, name="resumed")[1:], run=False)
+    second.trainer.fit(
+        second.model, datamodule=second.datamodule, ckpt_path=str(resumed_dir / "checkpoints" / "last.ckpt")
+    )
+    straight = _final_params(tmp_path / "runs" / "straight" / "version_0")
+    resumed = _final_params(tmp_path / "runs" / "resumed" / "version_1")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-7, msg=key)
+    a = dict(scalars(tmp_path / "runs" / "straight"))["train/loss_step"]
+    b = dict(scalars(tmp_path / "runs" / "resumed"))["train/loss_step"]
+    assert [s for s, _ in a] == sorted({s for s, _ in b}) == list(range(6))
+    b_by_step = dict(b)
+    for step, value in a:
+        assert b_by_step[step] == pytest.approx(value, rel=1e-5), step
