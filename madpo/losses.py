@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Variant = Literal["full", "amp_only", "reg_only"]
-VARIANTS: tuple[str, ...] = ("full", "amp_only", "reg_only")
+Variant = Literal["full", "amp_only", "reg_only", "no_downweight", "no_amplify"]
+VARIANTS: tuple[str, ...] = ("full", "amp_only", "reg_only", "no_downweight", "no_amplify")
 DEFAULT_TAU = math.log(999.0)  # ln(0.999 / 0.001) ~ 6.9068, the paper's "tau = 7"
 
 
@@ -120,6 +120,8 @@ def madpo_weights(
     """Sections 2.2, 2.4, 2.7: w(m) = sigma(c_eff m) / sigma(m) if m > -tau, else 1 (stability cap), shape (B,).
 
     c_eff = c(|m|) ("full"), max(c, 1) ("amp_only": no dampening), min(c, 1) ("reg_only": no amplification).
+    Decomposition variants (not in the paper; they switch off one effect of w at a time): "no_downweight" clips the
+    full weight to w >= 1 (pairs the reward model contradicts keep weight 1), "no_amplify" clips it to w <= 1.
     log w = logsigmoid(c_eff m) - logsigmoid(m) is computed in log space (never a ratio of sigmoids), in float32 for
     fp16/bf16/float32 input and float64 for float64 input. The margins are detached: weights never carry gradient.
     ``c_max == 1`` returns exactly ones (plain DPO). A NaN margin gives a NaN weight (it is not silently capped to 1).
@@ -136,6 +138,10 @@ def madpo_weights(
     elif variant == "reg_only":
         c = c.clamp(max=1.0)
     log_w = F.logsigmoid(c * m) - F.logsigmoid(m)
+    if variant == "no_downweight":
+        log_w = log_w.clamp(min=0.0)
+    elif variant == "no_amplify":
+        log_w = log_w.clamp(max=0.0)
     return torch.where(m <= -tau, torch.ones_like(m), torch.exp(log_w))
 
 

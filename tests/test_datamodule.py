@@ -323,3 +323,21 @@ def test_hub_dataset_splits(pairs, monkeypatch):
     assert calls == [("org/prefs", "train_prefs"), ("org/prefs", "test_prefs")]
     assert (len(dm.train_dataset), len(dm.val_dataset)) == (12, 3)
     assert dm.stats["val"]["sources"] == ["org/prefs[test_prefs]"]
+
+
+def test_margin_perturbation_is_seeded_counted_and_train_only(pairs):
+    margins = [float(i) - 5.5 for i in range(12)]
+    with_margin = pairs.add_column("rm_margin", margins)
+    dm = PreferenceDataModule.from_datasets(with_margin, with_margin, margin_flip_fraction=0.25, **SMALL)
+    dm.setup("fit")
+    got = dm.train_dataset["rm_margin"]
+    flipped = [i for i, (a, b) in enumerate(zip(margins, got, strict=True)) if a == -b and a != 0]
+    assert len(flipped) == 3 and dm.stats["train"]["margin_perturbation"]["flipped"] == 3
+    assert dm.val_dataset["rm_margin"] == margins  # evaluation data stays clean
+    again = PreferenceDataModule.from_datasets(with_margin, margin_flip_fraction=0.25, **SMALL)
+    again.setup("fit")
+    assert again.train_dataset["rm_margin"] == got
+    noisy = PreferenceDataModule.from_datasets(with_margin, margin_noise_std=1.0, **SMALL)
+    noisy.setup("fit")
+    diffs = torch.tensor(noisy.train_dataset["rm_margin"]) - torch.tensor(margins, dtype=torch.float64)
+    assert 0.3 < diffs.std().item() < 2.0 and (diffs != 0).all()

@@ -188,7 +188,7 @@ def test_amp_only_and_reg_only_regions() -> None:
     )
 
 
-@pytest.mark.parametrize("variant", ["full", "amp_only", "reg_only"])
+@pytest.mark.parametrize("variant", ["full", "amp_only", "reg_only", "no_downweight", "no_amplify"])
 def test_c_max_one_gives_exact_ones(variant: str) -> None:
     m = torch.tensor([-100.0, -TAU, -1.0, 0.0, 0.5, 7.0, 1e6])
     w = madpo_weights(m, c_max=1.0, variant=variant)
@@ -569,3 +569,15 @@ def test_beta_dpo_low_precision_inputs() -> None:
     out = BetaDPO()(*pairs([1.0, -2.0, 0.5, 3.0], dtype=torch.bfloat16))
     assert out.losses.dtype == torch.float32 and out.beta.dtype == torch.float32
     assert torch.isfinite(out.losses).all()
+
+
+def test_decomposition_variants_clip_the_full_weight() -> None:
+    pts = [-8.0, -5.0, -2.0, -0.5, 0.0, 0.3, 1.0, 3.0, 6.0, 8.0, 20.0]
+    full = [ref_w(x) for x in pts]
+    no_down = madpo_weights(t64(pts), variant="no_downweight")
+    no_amp = madpo_weights(t64(pts), variant="no_amplify")
+    torch.testing.assert_close(no_down, t64([max(w, 1.0) for w in full]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(no_amp, t64([min(w, 1.0) for w in full]), rtol=1e-12, atol=1e-12)
+    # each keeps exactly one of the two effects: amplification on (0, tau), down-weighting on (-tau, 0)
+    assert no_down[pts.index(1.0)] > 1 and no_down[pts.index(-2.0)] == 1
+    assert no_amp[pts.index(1.0)] == 1 and no_amp[pts.index(-2.0)] < 1

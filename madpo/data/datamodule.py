@@ -90,6 +90,9 @@ class PreferenceDataModule(L.LightningDataModule):
             and lengths.
         invalid_rows: what to do with a malformed row: "raise" (error naming file, row and field) or "drop" (drop,
             count and log it).
+        margin_noise_std: robustness experiments: add Gaussian noise of this std to the training split's rm_margin
+            (seeded by `seed`, applied once after scoring; the cache keeps the clean margins). 0 = off.
+        margin_flip_fraction: robustness experiments: flip the sign of this fraction of training margins (seeded).
         seed: seed of the `val_fraction` split and of the training shuffle.
         trust_remote_code: allow custom code of hub tokenizers/models.
     """
@@ -113,6 +116,8 @@ class PreferenceDataModule(L.LightningDataModule):
         scoring_batch_size: int = 32,
         cache_dir: str = ".cache/madpo",
         invalid_rows: Literal["raise", "drop"] = "raise",
+        margin_noise_std: float = 0.0,
+        margin_flip_fraction: float = 0.0,
         seed: int = 0,
         trust_remote_code: bool = False,
     ) -> None:
@@ -127,6 +132,11 @@ class PreferenceDataModule(L.LightningDataModule):
             )
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1) or scoring_batch_size < 1:
             raise ValueError("batch_size, eval_batch_size and scoring_batch_size must be >= 1")
+        if margin_noise_std < 0 or not 0.0 <= margin_flip_fraction <= 1.0:
+            raise ValueError(
+                f"margin_noise_std must be >= 0 and margin_flip_fraction in [0, 1]; got {margin_noise_std}, "
+                f"{margin_flip_fraction}"
+            )
         if invalid_rows not in ("raise", "drop"):
             raise ValueError(f"invalid_rows must be 'raise' or 'drop', got {invalid_rows!r}")
         self._train_source: datasets.Dataset | None = None
@@ -210,6 +220,8 @@ class PreferenceDataModule(L.LightningDataModule):
             del tokenized["val"]
         if self.hparams.reward_model is not None:
             self._add_rm_margins(tokenized)
+        if "train" in tokenized and (self.hparams.margin_noise_std or self.hparams.margin_flip_fraction):
+            tokenized["train"] = self._perturb_margins(tokenized["train"])
         if req.reference_logps:
             self._add_reference_logps(module, tokenized)
         self.train_dataset = tokenized.get("train")
@@ -332,6 +344,28 @@ class PreferenceDataModule(L.LightningDataModule):
             "max_prompt_length": self.hparams.max_prompt_length,
             "precision": precision,
         }
+
+    def _perturb_margins(self, dataset: datasets.Dataset) -> datasets.Dataset:
+        """m' = s * (m + noise), noise ~ N(0, std^2), s = -1 on a seeded random fraction of pairs, else +1."""
+        if "rm_margin" not in dataset.column_names:
+            raise ValueError("margin_noise_std / margin_flip_fraction need rm_margin: pass --data.reward_model")
+        margins = torch.tensor(dataset["rm_margin"], dtype=torch.float64)
+        generator = torch.Generator().manual_seed(self.hparams.seed + 7919)
+        noise = torch.randn(len(margins), generator=generator, dtype=torch.float64) * self.hparams.margin_noise_std
+        n_flip = round(self.hparams.margin_flip_fraction * len(margins))
+        flip = torch.zeros(len(margins), dtype=torch.bool)
+        flip[torch.randperm(len(margins), generator=generator)[:n_flip]] = True
+        perturbed = torch.where(flip, -(margins + noise), margins + noise)
+        self.stats["train"]["margin_perturbation"] = {
+            "noise_std": self.hparams.margin_noise_std,
+            "flipped": n_flip,
+            "mean_abs_change": float((perturbed - margins).abs().mean()) if len(margins) else 0.0,
+        }
+        log.warning(
+            "rm_margin of the training split perturbed for a robustness run: %s",
+            self.stats["train"]["margin_perturbation"],
+        )
+        return self._set_column(dataset, "rm_margin", perturbed)
 
     @staticmethod
     def _set_column(dataset: datasets.Dataset, name: str, values: torch.Tensor) -> datasets.Dataset:
