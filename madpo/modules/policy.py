@@ -45,7 +45,8 @@ class PolicyLightningModule(PairwiseModule):
         c_min: MADPO floor of c; null means 1/c_max.
         lam: MADPO steepness λ.
         tau: MADPO margin threshold τ on the reward model's logit scale (ln 999 ≈ 6.9068).
-        variant: MADPO weight variant: full, amp_only, reg_only (method.md §2.7), no_downweight (w ≥ 1), no_amplify (w ≤ 1).
+        variant: MADPO weight variant: full, amp_only, reg_only (method.md §2.7); no_downweight (w clipped to ≥ 1),
+            no_amplify (w clipped to ≤ 1).
         normalize_weights: Divide MADPO weights by their global batch mean (not in the paper; default off).
         ipo_length_normalize: IPO on length-normalised log-probs (TRL's form) instead of summed (the paper's form).
         beta_dpo_alpha: β-DPO α (β_batch = β0·(1 + α·(mean kept gap − μ))).
