@@ -336,11 +336,15 @@ class BetaDPO(torch.nn.Module):
         *,
         all_gather: Callable[[Tensor], Tensor] | None = None,
         rank: int = 0,
+        order_key: Tensor | None = None,
     ) -> BetaDPOOutput:
         """Per-pair beta-DPO losses for this rank's (B,) pairs.
 
         ``all_gather`` maps the local (B,) tensor to the global (world * B,) tensor in rank order (None: single
         process); ``rank`` locates this rank's slice [rank * B, (rank + 1) * B). Every rank must have the same B.
+        ``order_key`` (optional, (B,), e.g. dataset row indices) puts the gathered batch in a canonical order before
+        the statistics and the draw, so the mask does not depend on how pairs were spread over ranks: N ranks then
+        draw exactly what one process draws on the same global batch.
 
         Reduction convention: ``losses_i = mask_i * (N / N_kept) * (-log sigma(beta_batch h_i))`` with N = world * B,
         so ``losses.mean()`` on each rank, averaged over ranks (what DDP does with gradients), equals the mean of
@@ -359,6 +363,12 @@ class BetaDPO(torch.nn.Module):
         if not 0 <= rank < n // b:
             raise ValueError(f"rank must be in [0, {n // b}) for a gathered batch of {n} and B={b}, got rank={rank}")
         a = a_global.to(device="cpu", dtype=torch.float64)
+        order = torch.arange(n)
+        if order_key is not None:
+            _check_pairs(h=h, order_key=order_key)
+            keys = order_key if all_gather is None else all_gather(order_key)
+            order = torch.argsort(keys.cpu(), stable=True)
+        a = a[order]  # canonical order; position j holds global pair order[j]
 
         # 2. EMA update before use (training only); eval only reads the EMAs
         if self.training:
@@ -381,11 +391,13 @@ class BetaDPO(torch.nn.Module):
             p = torch.exp(log_p - log_p.max()).clamp(min=torch.finfo(torch.float64).tiny)
         n_kept = max(1, int(n * (1 - self.rho)))
         idx = torch.multinomial(p, n_kept, replacement=False, generator=self._generator(int(self.step.item())))
+        kept_sorted = torch.zeros(n, dtype=torch.bool)
+        kept_sorted[idx] = True
         mask_global = torch.zeros(n, dtype=torch.bool)
-        mask_global[idx] = True
+        mask_global[order[idx]] = True
 
         # 4. batch beta from the kept gaps, clamped and detached
-        beta_batch = self.beta0 * (1 + self.alpha * (a[mask_global].mean() - mu))
+        beta_batch = self.beta0 * (1 + self.alpha * (a[kept_sorted].mean() - mu))
         beta_batch = beta_batch.clamp(min=self.min_beta)
 
         # 5. per-pair losses on this rank's slice, scaled so that the DDP-averaged mean is the mean over kept pairs

@@ -86,10 +86,24 @@ def init_reward_model(
     )
 
 
+def check_reward_model_path(name_or_path: str) -> None:
+    """Refuse, with guidance, a path that cannot be a reward-model directory (a Lightning .ckpt, a missing dir)."""
+    if os.path.isfile(name_or_path):
+        raise ValueError(
+            f"reward_model={name_or_path!r} is a file (a Lightning checkpoint?); pass the transformers directory the "
+            "reward run exports at the end of fit (printed as '[madpo] RewardLightningModule exported to <dir>', "
+            "by default <log_dir>/hf_model)"
+        )
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
+    if looks_local and not os.path.isdir(name_or_path):
+        raise ValueError(f"reward_model={name_or_path!r} does not exist")
+
+
 def load_reward_model(
     name_or_path: str, *, dtype: str | None = None, trust_remote_code: bool = False
 ) -> PreTrainedModel:
     """A trained reward model (as exported by `RewardLightningModule`): refuses anything that is not one."""
+    check_reward_model_path(name_or_path)
     architectures = _architectures(name_or_path, trust_remote_code)
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         kind = "a causal LM (policy)" if any(a.endswith("ForCausalLM") for a in architectures) else "not a reward model"

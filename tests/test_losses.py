@@ -581,3 +581,28 @@ def test_decomposition_variants_clip_the_full_weight() -> None:
     # each keeps exactly one of the two effects: amplification on (0, tau), down-weighting on (-tau, 0)
     assert no_down[pts.index(1.0)] > 1 and no_down[pts.index(-2.0)] == 1
     assert no_amp[pts.index(1.0)] == 1 and no_amp[pts.index(-2.0)] < 1
+
+
+def test_beta_dpo_order_key_makes_the_mask_independent_of_rank_layout() -> None:
+    """Pairs spread over 2 ranks (interleaved, as a DistributedSampler does) draw what one process draws."""
+    torch.manual_seed(3)
+    n = 8
+    pc, pr, rc, rr = (torch.randn(n, dtype=torch.float64) for _ in range(4))
+    keys = torch.arange(n)
+    single = BetaDPO(rho=0.5)
+    single.gap_std.fill_(0.5)
+    out_single = single(pc, pr, rc, rr, order_key=keys)
+    layout = [torch.tensor([0, 2, 4, 6]), torch.tensor([1, 3, 5, 7])]  # rank r holds the pairs layout[r]
+    gathered_rows = torch.cat(layout)
+    gaps = implicit_margin(pc, pr, rc, rr)
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # what all_gather returns on every rank, in rank order
+        return gathered_rows.clone() if x.dtype == torch.long else gaps[gathered_rows]
+
+    for rank in (0, 1):
+        twin = BetaDPO(rho=0.5)
+        twin.gap_std.fill_(0.5)
+        rows = layout[rank]
+        out = twin(pc[rows], pr[rows], rc[rows], rr[rows], all_gather=gather, rank=rank, order_key=keys[rows])
+        assert out.mask.tolist() == out_single.mask[rows].tolist()
+        torch.testing.assert_close(out.beta, out_single.beta, rtol=1e-12, atol=1e-12)

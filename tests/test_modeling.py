@@ -107,3 +107,14 @@ def test_fingerprints_change_with_weights_and_vocab(tiny_llama):
     fp = tokenizer_fingerprint(tok)
     tok.add_tokens(["<|new|>"])
     assert tokenizer_fingerprint(tok) != fp
+
+
+def test_reward_model_path_that_is_a_checkpoint_file_is_refused_with_guidance(tmp_path):
+    import pytest
+
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="exports at the end of fit"):
+        load_reward_model(str(ckpt))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_reward_model(str(tmp_path / "missing" / "dir"))

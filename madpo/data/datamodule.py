@@ -33,7 +33,13 @@ from madpo.data.collate import PreferenceCollator
 from madpo.data.formats import IN_MEMORY, SFT, RawData, load_files, load_hub, load_in_memory
 from madpo.data.requirements import DataRequirements
 from madpo.data.tokenize import tokenize_dataset
-from madpo.modeling import load_reward_model, load_tokenizer, state_fingerprint, tokenizer_fingerprint
+from madpo.modeling import (
+    check_reward_model_path,
+    load_reward_model,
+    load_tokenizer,
+    state_fingerprint,
+    tokenizer_fingerprint,
+)
 from madpo.scoring import (
     _barrier,
     _dist,
@@ -375,6 +381,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _add_rm_margins(self, tokenized: dict[str, datasets.Dataset]) -> None:
         path = self.hparams.reward_model
+        check_reward_model_path(path)
         rm_tokenizer = load_tokenizer(path, trust_remote_code=self.hparams.trust_remote_code)
         if tokenizer_fingerprint(rm_tokenizer) != tokenizer_fingerprint(self.tokenizer):
             raise ValueError(

@@ -251,7 +251,7 @@ class PolicyLightningModule(PairwiseModule):
         else:  # beta_dpo
             assert self.beta_dpo is not None
             self.beta_dpo.train(stage == "train")  # the EMA updates only on training steps
-            out = self.beta_dpo(*args, all_gather=self.gather_pairs, rank=self.global_rank)
+            out = self.beta_dpo(*args, all_gather=self.gather_pairs, rank=self.global_rank, order_key=batch["index"])
             losses = out.losses
             per_pair["beta_dpo/kept"] = out.mask.float()
             scalars.update(
