@@ -7,11 +7,16 @@ and a process-group teardown are on by default.
 
 from __future__ import annotations
 
+import glob
+import os
+import re
 import sys
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from madpo.callbacks import DestroyProcessGroup
 from madpo.data import PreferenceDataModule
@@ -31,6 +36,31 @@ class MadpoCLI(LightningCLI):
         parser.add_lightning_class_args(DestroyProcessGroup, "process_group")
         # the DataModule tokenizes with the model's own tokenizer
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
+
+    def before_fit(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def _resolve_last_checkpoint(self) -> None:
+        """`--ckpt_path last`: continue the newest version of this run (same log directory) from its last.ckpt.
+
+        Lightning alone would look in a fresh version directory and start from scratch.
+        """
+        kwargs = self.config_init[self.subcommand]
+        logger = self.trainer.logger
+        if kwargs.get("ckpt_path") != "last" or not isinstance(logger, TensorBoardLogger):
+            return
+        found = []
+        for path in glob.glob(os.path.join(logger.root_dir, "version_*", "checkpoints", "last.ckpt")):
+            match = re.search(r"version_(\d+)", path)
+            if match:
+                found.append((int(match.group(1)), path))
+        if not found:
+            rank_zero_warn(f"--ckpt_path last: no last.ckpt under {logger.root_dir}; training from scratch")
+            kwargs["ckpt_path"] = None
+            return
+        version, path = max(found)
+        logger._version = version  # log into the interrupted run's directory
+        kwargs["ckpt_path"] = path
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> MadpoCLI:

@@ -124,12 +124,10 @@ def test_resumed_run_equals_uninterrupted_run(config, tmp_path):
     first.trainer.fit(first.model, datamodule=first.datamodule)
     resumed_dir = tmp_path / "runs" / "resumed" / "version_0"
     assert torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
-    second = cli_main(tiny_args(config, tmp_path, *common, name="resumed")[1:], run=False)
-    second.trainer.fit(
-        second.model, datamodule=second.datamodule, ckpt_path=str(resumed_dir / "checkpoints" / "last.ckpt")
-    )
+    cli_main(tiny_args(config, tmp_path, *common, "--ckpt_path=last", name="resumed"))  # continues version_0
+    assert not (tmp_path / "runs" / "resumed" / "version_1").exists()
     straight = _final_params(tmp_path / "runs" / "straight" / "version_0")
-    resumed = _final_params(tmp_path / "runs" / "resumed" / "version_1")
+    resumed = _final_params(resumed_dir)
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-7, msg=key)
