@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from madpo.callbacks import DestroyProcessGroup
+from madpo.callbacks import DestroyProcessGroup, PairThroughput
 from madpo.data import PreferenceDataModule
 
 
@@ -34,6 +34,7 @@ class MadpoCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(DestroyProcessGroup, "process_group")
+        parser.add_lightning_class_args(PairThroughput, "throughput")
         # the DataModule tokenizes with the model's own tokenizer
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
 

@@ -192,6 +192,12 @@ class PairwiseModule(L.LightningModule):
             )
 
     # ---- export -------------------------------------------------------------------------------------------------
+    def _log_final_hparams(self) -> None:
+        """The run's hyperparameters beside its final validation metrics (TensorBoard's HPARAMS tab)."""
+        metrics = _final_metrics(self.trainer)
+        if metrics and self.logger is not None:
+            self.logger.log_hyperparams(_jsonable(dict(self.hparams)), {f"hparams/{k}": v for k, v in metrics.items()})
+
     def default_export_dir(self) -> str | None:
         if self._trainer is None:
             return None
@@ -224,6 +230,7 @@ class PairwiseModule(L.LightningModule):
         return out_dir
 
     def on_fit_end(self) -> None:
+        self._log_final_hparams()
         if not self.hparams.get("export", True):
             return
         out_dir = self.hparams.get("export_dir") or self.default_export_dir()
@@ -232,6 +239,10 @@ class PairwiseModule(L.LightningModule):
             print(f"[madpo] {type(self).__name__} exported to {out_dir}")
         if self.trainer.world_size > 1:
             self.trainer.strategy.barrier("madpo-export")
+
+
+def _final_metrics(trainer: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
 
 
 def _jsonable(value: Any) -> Any:

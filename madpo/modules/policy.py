@@ -272,6 +272,21 @@ class PolicyLightningModule(PairwiseModule):
         )
         return losses.mean(), per_pair, scalars
 
+    def on_train_epoch_end(self) -> None:
+        """Histograms of the training margins and of the MADPO weights they give (TensorBoard)."""
+        dataset = getattr(self.trainer.datamodule, "train_dataset", None) if self.trainer.datamodule else None
+        experiment = getattr(self.logger, "experiment", None)
+        if dataset is None or "rm_margin" not in dataset.column_names or not hasattr(experiment, "add_histogram"):
+            return
+        if not self.trainer.is_global_zero:
+            return
+        margins = torch.tensor(dataset["rm_margin"], dtype=torch.float32)
+        experiment.add_histogram("rm/margin", margins, self.global_step)
+        if self.hparams.loss == "madpo":
+            experiment.add_histogram(
+                "madpo/weight", L.madpo_weights(margins, **self._weight_options()), self.global_step
+            )
+
     def _weight_options(self) -> dict:
         h = self.hparams
         return {"c_max": h.c_max, "c_min": h.c_min, "lam": h.lam, "tau": h.tau, "variant": h.variant}
