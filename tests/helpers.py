@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
 
 from tests.conftest import REPO
 
@@ -46,3 +49,14 @@ def scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return out
+
+
+class KillAtStep(Callback):
+    """SIGKILLs its own process when training reaches `step` (an interrupted run, for resume tests)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

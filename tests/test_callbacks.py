@@ -37,9 +37,15 @@ def test_tensorboard_shows_throughput_histograms_samples_and_hparams(tmp_path):
     tok.save_pretrained(rm_dir)
     cli_main(
         tiny_args(
-            "madpo.yaml", tmp_path, f"--data.reward_model={rm_dir}", "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
-            "--trainer.callbacks+=madpo.callbacks.SampleGenerations", "--trainer.callbacks.every_n_steps=2",
+            "madpo.yaml",
+            tmp_path,
+            f"--data.reward_model={rm_dir}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.callbacks+=madpo.callbacks.SampleGenerations",
+            "--trainer.callbacks.every_n_steps=2",
             "--trainer.callbacks.max_new_tokens=8",
         )
     )
@@ -47,7 +53,9 @@ def test_tensorboard_shows_throughput_histograms_samples_and_hparams(tmp_path):
     assert {"train/pairs_per_sec", "train/tokens_per_sec"} <= tags["scalars"]
     assert {"rm/margin", "madpo/weight"} <= tags["histograms"]
     assert any(t.startswith("samples") for t in tags["tensors"])
-    texts = [e for acc in accumulators for t in acc.Tags()["tensors"] if t.startswith("samples") for e in acc.Tensors(t)]
+    texts = [
+        e for acc in accumulators for t in acc.Tags()["tensors"] if t.startswith("samples") for e in acc.Tensors(t)
+    ]
     assert [e.step for e in texts] == [2] and b"This movie was" in texts[0].tensor_proto.string_val[0]
     plugins = {p for acc in accumulators for p in acc.PluginTagToContent("hparams")} if accumulators else set()
     assert plugins  # hparams with the final validation metrics

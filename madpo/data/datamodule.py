@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from madpo.data.collate import PreferenceCollator
 from madpo.data.formats import IN_MEMORY, SFT, RawData, load_files, load_hub, load_in_memory
+from madpo.data.loader import ResumableDataLoader, ResumableSampler
 from madpo.data.requirements import DataRequirements
 from madpo.data.tokenize import tokenize_dataset
 from madpo.modeling import (
@@ -481,6 +482,12 @@ class PreferenceDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0))
 
+    def _batches_trained(self) -> int:
+        """Batches of the current epoch the Trainer has trained (its own progress counter; 0 without a Trainer)."""
+        trainer = self.trainer
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        return int(loop.batch_progress.current.processed) if loop is not None else 0
+
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("no training data: call setup('fit') first (the Trainer does) with a training source")
@@ -488,11 +495,12 @@ class PreferenceDataModule(L.LightningDataModule):
         # resumed run sees the same order as an uninterrupted one, and N ranks together see exactly the batches a
         # single process sees with an N-times larger batch. Lightning keeps a DistributedSampler it is given.
         world, rank = self._replicas()
-        sampler = DistributedSampler(
+        sampler = ResumableSampler(
             self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed, drop_last=False
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_dataset,
+            batches_trained=self._batches_trained,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
             collate_fn=self.collator,

@@ -185,6 +185,14 @@ class PairwiseModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        # configure_optimizers reads trainer.estimated_stepping_batches, which builds the train loader before the
+        # checkpoint's loop state is restored; Lightning (2.6) then never hands the loader its saved position. Hand it
+        # over here, before the first batch is drawn, so a mid-epoch resume continues with the untrained batches.
+        loop = self.trainer.fit_loop
+        if getattr(loop, "_combined_loader_states_to_load", None) and hasattr(loop, "_load_combined_loader_states"):
+            loop._load_combined_loader_states()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.trainer.optimizers:
             self.log(
