@@ -213,3 +213,13 @@ def test_beta_dpo_loss_matches_module_output():
     torch.testing.assert_close(loss.detach(), out.losses.mean(), rtol=1e-5, atol=1e-6)
     assert stats["beta_dpo/kept"].sum().item() == n // 2
     torch.testing.assert_close(scalars["beta/effective"], out.beta)
+
+
+def test_non_finite_loss_can_be_skipped_and_counted():
+    module = PolicyLightningModule(TINY_LLAMA, loss="dpo", on_nonfinite_loss="skip")
+    batch = _with_reference(module, _batch())
+    batch["ref_chosen_logps"][1] = float("inf")
+    assert module._step(batch, 0, "train") is None
+    assert module.nonfinite_steps_skipped == 1
+    with pytest.raises(FloatingPointError):  # validation never skips silently
+        module._step(batch, 0, "val")

@@ -74,6 +74,7 @@ class PairwiseModule(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
+        self.nonfinite_steps_skipped = 0
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_metrics": nn.ModuleDict({_metric_key(n): self._new_metric(n) for n in self.metric_names})
@@ -113,34 +114,43 @@ class PairwiseModule(L.LightningModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, batch_idx, "train")
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, batch_idx, "val")
 
-    def _step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
+    def _step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor | None:
         loss, per_pair, scalars = self.compute(batch, stage)
-        self._check_finite(loss, per_pair.get("loss"), batch, batch_idx, stage)
+        if not self._loss_is_finite(loss, per_pair.get("loss"), batch, batch_idx, stage):
+            return None  # on_nonfinite_loss="skip": every rank skips this step together
         self._log_stats(stage, per_pair, scalars)
         return loss
 
-    def _check_finite(
+    def _loss_is_finite(
         self,
         loss: torch.Tensor,
         losses: torch.Tensor | None,
         batch: dict[str, torch.Tensor],
         batch_idx: int,
         stage: str,
-    ) -> None:
-        if torch.isfinite(loss):
-            return
+    ) -> bool:
+        """Raise on a non-finite loss (naming step, batch and pairs), or with on_nonfinite_loss='skip' count it."""
+        bad_here = (~torch.isfinite(loss.detach())).float()
+        if not self.global_sum(bad_here).item():  # one flag for all ranks, so they skip or go on together
+            return True
         bad = batch["index"].tolist()
         if losses is not None and losses.numel() == batch["index"].numel():
             bad = batch["index"][~torch.isfinite(losses.detach())].tolist() or bad
+        where = f"at global step {self.global_step}, batch {batch_idx}, rank {self.global_rank}"
+        if self.hparams.get("on_nonfinite_loss", "raise") == "skip" and stage == "train":
+            self.nonfinite_steps_skipped += 1
+            log.warning("skipping a non-finite training loss %s; pair indices %s", where, bad)
+            self.log("train/nonfinite_steps_skipped", float(self.nonfinite_steps_skipped), on_step=True, batch_size=1)
+            return False
         raise FloatingPointError(
-            f"non-finite {stage} loss ({loss.item()}) at global step {self.global_step}, batch {batch_idx}, "
-            f"rank {self.global_rank}; offending pair indices (rows of the {stage} split): {bad}"
+            f"non-finite {stage} loss ({loss.item()}) {where}; offending pair indices (rows of the {stage} split): "
+            f"{bad}. Pass on_nonfinite_loss=skip to skip such steps (counted) instead."
         )
 
     def _log_stats(self, stage: str, per_pair: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]) -> None:

@@ -59,6 +59,8 @@ class PolicyLightningModule(PairwiseModule):
         gradient_checkpointing: Trade compute for activation memory.
         disable_dropout: Turn dropout off in the policy (as TRL does), so implicit rewards are deterministic.
         fast_logps: Apply the LM head only at completion positions (False: plain full-logits path).
+        on_nonfinite_loss: A non-finite training loss raises (naming step, batch and pair rows) or, with 'skip',
+            skips that optimiser step on every rank and counts it (train/nonfinite_steps_skipped).
         export: Write the trained policy as a transformers directory at the end of fit.
         export_dir: Where to export (default: <log_dir>/hf_model).
         trust_remote_code: Allow custom modelling code from the checkpoint (off unless you ask).
@@ -86,6 +88,7 @@ class PolicyLightningModule(PairwiseModule):
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         fast_logps: bool = True,
+        on_nonfinite_loss: Literal["raise", "skip"] = "raise",
         export: bool = True,
         export_dir: str | None = None,
         trust_remote_code: bool = False,

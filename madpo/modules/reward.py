@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from madpo import losses as L
@@ -24,6 +26,8 @@ class RewardLightningModule(PairwiseModule):
         lora: LoRA adapter options (the head always trains); null: full fine-tuning.
         dtype: Weights dtype to load (float32, bfloat16, float16) or null for the checkpoint's default.
         gradient_checkpointing: Trade compute for activation memory.
+        on_nonfinite_loss: A non-finite training loss raises (naming step, batch and pair rows) or, with 'skip',
+            skips that optimiser step on every rank and counts it (train/nonfinite_steps_skipped).
         export: Write the trained reward model as a transformers directory at the end of fit.
         export_dir: Where to export (default: <log_dir>/hf_model).
         trust_remote_code: Allow custom modelling code from the checkpoint (off unless you ask).
@@ -39,6 +43,7 @@ class RewardLightningModule(PairwiseModule):
         lora: LoraOptions | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        on_nonfinite_loss: Literal["raise", "skip"] = "raise",
         export: bool = True,
         export_dir: str | None = None,
         trust_remote_code: bool = False,
