@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Callable
@@ -94,6 +95,8 @@ def _score(
     sort_by_length: bool,
     progress: bool,
     desc: str,
+    resume_dir: str | os.PathLike | None = None,
+    chunk_pairs: int = 2048,
 ) -> torch.Tensor:
     """(N, width) float32 results of `fn(model, batch)` over the dataset, in dataset order, on every rank."""
     if batch_size < 1:
@@ -115,21 +118,36 @@ def _score(
                 for p, c, r in zip(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], strict=True)
             ]
         )
-        order = np.argsort(-lengths, kind="stable") if sort_by_length else np.arange(hi - lo)
         names = list(columns)
         was_training = model.training
         model.eval()
         bar = tqdm(total=hi - lo, desc=desc, unit="pair", disable=not progress or rank != 0 or not sys.stderr.isatty())
         try:
-            with torch.no_grad():
-                for start in range(0, hi - lo, batch_size):
-                    rows = order[start : start + batch_size]
-                    batch = collator([{k: columns[k][j] for k in names} for j in rows])
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    with forward_context():
-                        out = fn(model, batch)
-                    local[torch.from_numpy(rows)] = out.detach().float().reshape(len(rows), width).cpu()
-                    bar.update(len(rows))
+            # The shard is scored in chunks; with `resume_dir` each finished chunk is saved (atomically), so an
+            # interrupted pass redoes only the chunk it was in.
+            for c_start in range(0, hi - lo, chunk_pairs):
+                c_end = min(c_start + chunk_pairs, hi - lo)
+                name = f"rank{rank}of{world}-{lo + c_start}-{lo + c_end}.safetensors"
+                part = Path(resume_dir) / name if resume_dir else None
+                done = _try_load(part, None) if part is not None else None
+                if done is not None and done["values"].shape == (c_end - c_start, width):
+                    local[c_start:c_end] = done["values"]
+                    bar.update(c_end - c_start)
+                    continue
+                chunk_order = c_start + (
+                    np.argsort(-lengths[c_start:c_end], kind="stable") if sort_by_length else np.arange(c_end - c_start)
+                )
+                with torch.no_grad():
+                    for start in range(0, len(chunk_order), batch_size):
+                        rows = chunk_order[start : start + batch_size]
+                        batch = collator([{k: columns[k][j] for k in names} for j in rows])
+                        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                        with forward_context():
+                            out = fn(model, batch)
+                        local[torch.from_numpy(rows)] = out.detach().float().reshape(len(rows), width).cpu()
+                        bar.update(len(rows))
+                if part is not None:
+                    atomic_save({"values": local[c_start:c_end].contiguous()}, part)
         finally:
             bar.close()
             model.train(was_training)
@@ -160,12 +178,14 @@ def score_margins(
     forward_context: ForwardContext | None = None,
     sort_by_length: bool = True,
     progress: bool = True,
+    resume_dir: str | os.PathLike | None = None,
 ) -> torch.Tensor:
     """rm_margin = r(prompt + chosen) - r(prompt + rejected) of every pair: raw float32 `(N,)` in dataset order.
 
     The model is put in `eval()` for the pass (its train/eval mode is restored after) and must already be on
     `device` (default: the device of its parameters). `forward_context` (e.g. Lightning's
-    `precision_plugin.forward_context`) wraps each forward.
+    `precision_plugin.forward_context`) wraps each forward. With `resume_dir`, finished chunks of the pass are saved
+    there and reused, so an interrupted pass does not recompute them.
     """
     return _score(
         reward_model,
@@ -178,6 +198,7 @@ def score_margins(
         forward_context=forward_context,
         sort_by_length=sort_by_length,
         progress=progress,
+        resume_dir=resume_dir,
         desc="Scoring rm_margin",
     )[:, 0]
 
@@ -192,6 +213,7 @@ def score_reference_logps(
     forward_context: ForwardContext | None = None,
     sort_by_length: bool = True,
     progress: bool = True,
+    resume_dir: str | os.PathLike | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs `(chosen (N,), rejected (N,))` float32 under `model` (eval, no grad)."""
     out = _score(
@@ -205,6 +227,7 @@ def score_reference_logps(
         forward_context=forward_context,
         sort_by_length=sort_by_length,
         progress=progress,
+        resume_dir=resume_dir,
         desc="Scoring reference log-probs",
     )
     return out[:, 0].contiguous(), out[:, 1].contiguous()
@@ -278,14 +301,17 @@ def cached_columns(
     cache_dir: str | os.PathLike,
     kind: str,
     key_parts: dict[str, Any],
-    compute: Callable[[], dict[str, torch.Tensor]],
+    compute: Callable[..., dict[str, torch.Tensor]],
     *,
     num_rows: int | None = None,
+    resumable: bool = False,
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """`(columns, hit)`: the cached columns for `(kind, key_parts)`, or `compute()`'s result, then cached.
 
     Under DDP every rank must call this (compute is collective); it is a hit only if every rank can read the file,
-    only rank 0 writes, and all ranks meet at a barrier after the write.
+    only rank 0 writes, and all ranks meet at a barrier after the write. With `resumable`, `compute(resume_dir=...)`
+    gets a folder beside the cache file (same key) for finished chunks of an interrupted pass; it is removed once the
+    complete file is written.
     """
     path = cache_path(cache_dir, kind, key_parts)
     loaded = _try_load(path, num_rows)
@@ -295,8 +321,11 @@ def cached_columns(
         log.info("%s: cache hit %s", kind, path)
         return loaded, True
     log.info("%s: cache miss, computing %s", kind, path)
-    tensors = compute()
+    parts = path.with_suffix(".parts")
+    tensors = compute(resume_dir=parts) if resumable else compute()
     if _dist()[0] == 0:
         atomic_save(tensors, path, metadata={"kind": kind, "key_parts": json.dumps(key_parts, default=str)})
     _barrier()
+    if resumable and _dist()[0] == 0:
+        shutil.rmtree(parts, ignore_errors=True)
     return tensors, False

@@ -257,3 +257,64 @@ def test_ddp_two_ranks_shard_gather_and_cache(tmp_path, lm, ds, collator):
     assert len(list((tmp_path / "cache").iterdir())) == 1  # written once, by rank 0
     assert results[0]["dm"].shape == (64,) and torch.equal(results[0]["dm"], results[1]["dm"])
     assert len(list((tmp_path / "dm").iterdir())) == 1
+
+
+def test_interrupted_scoring_resumes_from_finished_chunks(tmp_path, lm, ds, collator, monkeypatch):
+    """A pass killed after its first chunk recomputes only the rest; the finished result equals a clean pass."""
+    import madpo.scoring as scoring
+
+    clean = scoring.score_reference_logps(lm, ds, collator, batch_size=4, progress=False)
+    calls = {"n": 0}
+    real_fn = scoring._logps_fn
+
+    def dying(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the process dies in the second chunk
+        return real_fn(model, batch)
+
+    monkeypatch.setattr(scoring, "_logps_fn", dying)
+    parts = tmp_path / "parts"
+    with pytest.raises(KeyboardInterrupt):
+        scoring._score(
+            lm,
+            ds,
+            collator,
+            scoring._logps_fn,
+            width=2,
+            batch_size=4,
+            device=None,
+            forward_context=None,
+            sort_by_length=True,
+            progress=False,
+            desc="t",
+            resume_dir=parts,
+            chunk_pairs=8,
+        )
+    assert len(list(parts.glob("*.safetensors"))) == 1  # the first chunk (8 pairs, 2 batches) is on disk
+    counted = {"n": 0}
+
+    def counting(model, batch):
+        counted["n"] += 1
+        return real_fn(model, batch)
+
+    monkeypatch.setattr(scoring, "_logps_fn", counting)
+    out = scoring._score(
+        lm,
+        ds,
+        collator,
+        scoring._logps_fn,
+        width=2,
+        batch_size=4,
+        device=None,
+        forward_context=None,
+        sort_by_length=True,
+        progress=False,
+        desc="t",
+        resume_dir=parts,
+        chunk_pairs=8,
+    )
+    n_batches_total = -(-len(ds) // 4)
+    assert counted["n"] == n_batches_total - 2  # the finished chunk was not recomputed
+    torch.testing.assert_close(out[:, 0], clean[0])
+    torch.testing.assert_close(out[:, 1], clean[1])

@@ -416,7 +416,7 @@ class PreferenceDataModule(L.LightningDataModule):
                     "%s data already has an rm_margin column; reward_model=%s's margins replace it", split, path
                 )
 
-            def compute(ds: datasets.Dataset = ds) -> dict[str, torch.Tensor]:
+            def compute(ds: datasets.Dataset = ds, resume_dir: Any = None) -> dict[str, torch.Tensor]:
                 margins = score_margins(
                     model,
                     ds,
@@ -424,6 +424,7 @@ class PreferenceDataModule(L.LightningDataModule):
                     batch_size=self.hparams.scoring_batch_size,
                     device=device,
                     forward_context=forward_context,
+                    resume_dir=resume_dir,
                 )
                 return {"rm_margin": margins}
 
@@ -433,6 +434,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 self._key_parts(ds, model, precision),
                 compute,
                 num_rows=len(ds),
+                resumable=True,
             )
             tokenized[split] = self._set_column(ds, "rm_margin", columns["rm_margin"])
             self.stats[split]["rm_margin"] = {
@@ -451,7 +453,7 @@ class PreferenceDataModule(L.LightningDataModule):
         with module.reference_model() as ref:
             for split, ds in tokenized.items():
 
-                def compute(ds: datasets.Dataset = ds) -> dict[str, torch.Tensor]:
+                def compute(ds: datasets.Dataset = ds, resume_dir: Any = None) -> dict[str, torch.Tensor]:
                     chosen, rejected = score_reference_logps(
                         ref,
                         ds,
@@ -459,6 +461,7 @@ class PreferenceDataModule(L.LightningDataModule):
                         batch_size=self.hparams.scoring_batch_size,
                         device=device,
                         forward_context=forward_context,
+                        resume_dir=resume_dir,
                     )
                     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
@@ -468,6 +471,7 @@ class PreferenceDataModule(L.LightningDataModule):
                     self._key_parts(ds, ref, precision),
                     compute,
                     num_rows=len(ds),
+                    resumable=True,
                 )
                 for name in ("ref_chosen_logps", "ref_rejected_logps"):
                     ds = self._set_column(ds, name, columns[name])
