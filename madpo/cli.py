@@ -39,6 +39,9 @@ class MadpoCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
 
     def before_fit(self) -> None:
+        kwargs = self.config_init[self.subcommand]
+        if "weights_only" in kwargs and kwargs["weights_only"] is None:
+            kwargs["weights_only"] = True  # resume without unpickling arbitrary objects (--weights_only false opts out)
         self._resolve_last_checkpoint()
 
     def _resolve_last_checkpoint(self) -> None:
