@@ -87,4 +87,9 @@ def main(argv: list[str] | None = None) -> None:
 
         pipeline_main(argv[1:])
         return
+    if argv and argv[0] == "export":
+        from madpo.export import main as export_main
+
+        export_main(argv[1:])
+        return
     cli_main(argv)

@@ -137,3 +137,15 @@ def test_resumed_run_equals_uninterrupted_run(config, tmp_path):
     b_by_step = dict(b)
     for step, value in a:
         assert b_by_step[step] == pytest.approx(value, rel=1e-5), step
+
+
+def test_export_command_rebuilds_the_fit_export(tmp_path, reward_model_dir):
+    from madpo.cli import main
+
+    ckpt = os.path.join(os.path.dirname(reward_model_dir), "checkpoints", "last.ckpt")
+    main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "again")])
+    a = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "again").state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], msg=key)
