@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,7 +12,9 @@ for _flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_flag, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # datasets reads its cache location at import: keep the suite out of the user's cache
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="madpo-tests-datasets-"))
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="madpo-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 # tiny models: thread start-up costs more than it saves, and the suite shares 2 cores with itself
 torch.set_num_threads(1)
 
