@@ -26,3 +26,16 @@ REPO = Path(__file__).parent.parent
 @pytest.fixture(scope="session")
 def tiny_llama() -> str:
     return TINY_LLAMA
+
+
+@pytest.fixture(scope="module")
+def random_reward_model(tmp_path_factory) -> str:
+    """A reward-model directory (tiny Llama backbone, random head, the tiny tokenizer), as fit would export it."""
+    from madpo.modeling import init_reward_model, load_tokenizer
+
+    path = tmp_path_factory.mktemp("rm") / "rm"
+    tok = load_tokenizer(TINY_LLAMA)
+    torch.manual_seed(0)
+    init_reward_model(TINY_LLAMA, pad_token_id=tok.pad_token_id).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

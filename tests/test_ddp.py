@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from madpo.cli import cli_main
-from madpo.modeling import init_reward_model, load_tokenizer
-from tests.conftest import REPO, TINY_LLAMA
+from tests.conftest import REPO
 from tests.helpers import run_cli_subprocess, scalars, tiny_args
 
 COMMON = (
@@ -24,16 +23,6 @@ CHECKED = (
     "train/madpo/weight_mean_step",
     "train/beta/effective_step",
 )
-
-
-@pytest.fixture(scope="module")
-def random_reward_model(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("rm") / "rm"
-    tok = load_tokenizer(TINY_LLAMA)
-    torch.manual_seed(0)
-    init_reward_model(TINY_LLAMA, pad_token_id=tok.pad_token_id).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 @pytest.mark.slow

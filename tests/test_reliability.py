@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 
-from madpo.modeling import init_reward_model, load_tokenizer
-from tests.conftest import REPO, TINY_LLAMA
+from tests.conftest import REPO
 from tests.helpers import run_cli_subprocess, scalars, tiny_args
 
 STEPS = (
@@ -20,16 +19,6 @@ STEPS = (
     "--trainer.log_every_n_steps=1",
     "--checkpoint.every_n_train_steps=2",
 )
-
-
-@pytest.fixture(scope="module")
-def random_reward_model(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("rm") / "rm"
-    tok = load_tokenizer(TINY_LLAMA)
-    torch.manual_seed(0)
-    init_reward_model(TINY_LLAMA, pad_token_id=tok.pad_token_id).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def _per_step(log_dir) -> dict[int, float]:
