@@ -56,6 +56,10 @@ class OptimizerOptions:
     """Fraction of the total optimiser steps spent in linear warmup (int(ratio * total))."""
     schedule: str = "cosine"
     """'cosine' or 'constant' after warmup."""
+    fused: bool | None = None
+    """Fused AdamW kernel (one kernel over all parameters instead of a loop of small ops; same update rule). null:
+    fused when every trainable parameter is a floating-point tensor on a device torch has a fused kernel for (CPU
+    and CUDA in torch >= 2.4)."""
 
 
 def _metric_key(name: str) -> str:
@@ -173,11 +177,13 @@ class PairwiseModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
+        fused = _fused_adamw_supported(params) if opt.fused is None else opt.fused
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=opt.lr,
             betas=tuple(opt.betas),
             eps=opt.eps,
+            **({"fused": True} if fused else {}),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(opt.warmup_ratio * total)
@@ -221,8 +227,11 @@ class PairwiseModule(L.LightningModule):
             return None
         return os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "hf_model")
 
-    def export(self, out_dir: str, *, merge_adapter: bool = False) -> str:
-        """Write the model as a plain transformers directory: safetensors weights, config, tokenizer, model card."""
+    def export(self, out_dir: str, *, merge_adapter: bool = True) -> str:
+        """Write the model as a plain transformers directory: safetensors weights, config, tokenizer, model card.
+
+        A LoRA model is merged into its base first (on a copy), so plain `AutoModelFor...` loads the export.
+        """
         model = self.model
         if merge_adapter and hasattr(model, "merge_and_unload"):
             import copy
@@ -261,6 +270,20 @@ class PairwiseModule(L.LightningModule):
 
 def _final_metrics(trainer: Any) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+
+
+def _fused_adamw_supported(params: list[torch.Tensor]) -> bool:
+    """Whether `torch.optim.AdamW(fused=True)` accepts these parameters (device with a fused kernel, float dtype)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - torch without the helper
+        return False
+    # torch < 2.4 lists no "cpu" here (its fused kernels are GPU-only), so CPU training falls back to the loop
+    return bool(params) and all(
+        p.device.type in devices and torch.is_floating_point(p) and not p.is_sparse for p in params
+    )
 
 
 def _jsonable(value: Any) -> Any:

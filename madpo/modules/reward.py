@@ -83,7 +83,3 @@ class RewardLightningModule(PairwiseModule):
             "rewards/rejected": rejected.detach(),
         }
         return losses.mean(), per_pair, {}
-
-    def export(self, out_dir: str, *, merge_adapter: bool = True) -> str:
-        # a reward model is exported merged, so plain AutoModelForSequenceClassification loads it
-        return super().export(out_dir, merge_adapter=merge_adapter)
