@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from madpo.cli import cli_main
-from tests.conftest import REPO
+from tests.conftest import DATA, REPO
 from tests.helpers import run_cli_subprocess, scalars, tiny_args
 
 COMMON = (
@@ -48,3 +48,20 @@ def test_ddp_two_processes_equal_one_process(loss, tmp_path, random_reward_model
     assert params_ddp["global_step"] == params_single["global_step"] == 3
     for key, value in params_single["state_dict"].items():
         torch.testing.assert_close(params_ddp["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_ddp_uneven_final_batch_equals_one_process(tmp_path):
+    """64 pairs, 12 per global step: the last step holds 4 pairs (2 per rank) in both runs; nothing hangs or differs."""
+    extra = [
+        *COMMON[:1],
+        "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+        f"--data.train_files={DATA / 'pairs_val.jsonl'}",
+    ]
+    cli_main(tiny_args("dpo.yaml", tmp_path, *extra, "--data.batch_size=12", name="single"))
+    ddp_args = tiny_args("dpo.yaml", tmp_path, *extra, "--data.batch_size=6", name="ddp")
+    run_cli_subprocess([*ddp_args, "--trainer", str(REPO / "configs/trainer/ddp_cpu.yaml")])
+    single, ddp = scalars(tmp_path / "runs" / "single"), scalars(tmp_path / "runs" / "ddp")
+    assert [s for s, _ in single["train/loss_step"]] == list(range(6))
+    assert [v for _, v in ddp["train/loss_step"]] == pytest.approx([v for _, v in single["train/loss_step"]], rel=1e-4)

@@ -178,3 +178,36 @@ def test_conversational_rows():
     bad = {**row, "rejected": "plain text"}
     with pytest.raises(InvalidRowError, match="row 0: field 'rejected' is not a non-empty list"):
         load_in_memory(datasets.Dataset.from_list([bad], features=None), source="conv")
+
+
+def test_implicit_prompt_is_split_off_at_a_word_boundary():
+    from madpo.data.formats import load_in_memory
+
+    rows = [
+        {"chosen": "The film was great fun.", "rejected": "The film was a bore."},
+        {"chosen": "I loved it", "rejected": "I hated it"},
+    ]
+    raw = load_in_memory(datasets.Dataset.from_list(rows))
+    got = raw.dataset.with_format(None).to_list()
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in got] == [
+        ("The film was", " great fun.", " a bore."),
+        ("I", " loved it", " hated it"),
+    ]
+    for r, original in zip(got, rows, strict=True):  # nothing lost: prompt + completion is the original text
+        assert r["prompt"] + r["chosen"] == original["chosen"] and r["prompt"] + r["rejected"] == original["rejected"]
+
+
+def test_implicit_prompt_conversational_splits_shared_messages():
+    from madpo.data.formats import load_in_memory
+
+    user = {"role": "user", "content": "Review this film."}
+    rows = [
+        {
+            "chosen": [user, {"role": "assistant", "content": "Great."}],
+            "rejected": [user, {"role": "assistant", "content": "Dull."}],
+        }
+    ]
+    raw = load_in_memory(datasets.Dataset.from_list(rows))
+    row = raw.dataset.with_format(None).to_list()[0]
+    assert raw.conversational and row["prompt"] == [user]
+    assert row["chosen"] == [{"role": "assistant", "content": "Great."}]

@@ -111,6 +111,49 @@ def detect_format(columns: list[str], source: str) -> str:
     )
 
 
+def _shared_prefix(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen completion, rejected completion) of one implicit-prompt row.
+
+    Strings: the longest common prefix, cut back to its last whitespace so both completions start at a word boundary
+    (with their leading space). Message lists: the longest run of identical leading messages. Anything else is
+    returned untouched, with an empty prompt, for validation to report.
+    """
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = 0
+        for a, b in zip(chosen, rejected, strict=False):
+            if a != b:
+                break
+            n += 1
+        if n < min(len(chosen), len(rejected)) or len(chosen) == len(rejected):
+            cut = max(chosen.rfind(" ", 0, n + 1), 0) if n else 0
+        else:  # one text is a prefix of the other: cut at the prefix's last word boundary
+            cut = max(chosen.rfind(" ", 0, n), 0)
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = 0
+        for a, b in zip(chosen, rejected, strict=False):
+            if a != b:
+                break
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    return "", chosen, rejected
+
+
+def split_implicit_prompt(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
+    """TRL's implicit-prompt rows (`chosen`/`rejected` that both start with the prompt): split the shared prefix off
+    into a `prompt` column. Rows with no shared prefix get an empty prompt (logged with a count)."""
+    columns = dataset.select_columns(["chosen", "rejected"]).with_format(None).to_dict()
+    split = [_shared_prefix(c, r) for c, r in zip(columns["chosen"], columns["rejected"], strict=True)]
+    empty = sum(1 for p, _, _ in split if not p)
+    log.info("%s: implicit prompt split off the shared prefix of chosen/rejected in %d rows", source, len(split))
+    if empty:
+        log.warning("%s: %d row(s) share no prefix between chosen and rejected: their prompt is empty", source, empty)
+    rest = [c for c in dataset.column_names if c not in ("chosen", "rejected")]
+    data = {name: dataset[name] for name in rest}
+    data.update(prompt=[p for p, _, _ in split], chosen=[c for _, c, _ in split], rejected=[r for _, _, r in split])
+    return datasets.Dataset.from_dict(data)
+
+
 def _looks_conversational(columns: dict[str, list[Any]], fields: list[str]) -> bool:
     """True when the first non-None text value is a list of messages (the format of a column is decided once)."""
     for name in fields:
@@ -181,6 +224,8 @@ def validate(
     """
     if invalid_rows not in ("raise", "drop"):
         raise ValueError(f"invalid_rows must be 'raise' or 'drop', got {invalid_rows!r}")
+    if {"chosen", "rejected"} <= set(dataset.column_names) and "prompt" not in dataset.column_names:
+        dataset = split_implicit_prompt(dataset, source)
     fmt = detect_format(dataset.column_names, source)
     has_margin = "rm_margin" in dataset.column_names
     fields = ["prompt", *COMPLETION_FIELDS[fmt]] + (["rm_margin"] if has_margin else [])
