@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -222,3 +223,50 @@ def test_flags_override_the_yaml_and_stage_keys_follow_their_inputs(tmp_path: Pa
     assert stages.stage_key("policy", {"beta": 0.1}, [up]) != stages.stage_key("policy", {"beta": 0.2}, [up])
     other = stages.StageResult("sft", "sft", tmp_path, "abd", {}, cached=True)
     assert stages.stage_key("policy", {"beta": 0.1}, [up]) != stages.stage_key("policy", {"beta": 0.1}, [other])
+
+
+def test_bench_reproduce_smoke(
+    finished: tuple[Path, dict, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/reproduce.py on the cached CI stages: one table cell, a 1-point frontier and a 2-level robustness sweep;
+    every report is written, and the cells it shares with the pipeline run come from the cache."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "bench" / "reproduce.py")
+    assert spec is not None and spec.loader is not None
+    reproduce = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "reproduce", reproduce)  # dataclasses look their module up there
+    spec.loader.exec_module(reproduce)
+    out = copy_of(finished, tmp_path)
+    results = tmp_path / "results"
+    args = ["--methods", "madpo,dpo", "--tiers", "high", "--seeds", "0", "--results-dir", str(results)]
+    args += ["--frontier", "--frontier-grid", "0.1", "--robustness", "--noise-std", "0", "--flip-fraction", "0.5"]
+    written = reproduce.main([*args, *ci_args(out)])
+    assert set(written) == {"table", "frontier", "robustness"}
+    table = (results / "imdb-offline.md").read_text()
+    assert "| madpo |" in table and "| dpo |" in table and "2.23" in table  # the paper's number beside ours
+    assert "MADPO against the next best baseline" in table and "reward model's margins" in table
+    cells = json.loads((results / "imdb-offline.json").read_text())["cells"]
+    assert {c["method"] for c in cells} == {"madpo", "dpo"}
+    assert next(c for c in cells if c["method"] == "madpo")["cached"]  # the pipeline's own MADPO run
+    assert (results / "reward_kl_frontier.png").stat().st_size > 0
+    robust = (results / "robustness.md").read_text()
+    assert "| 0 | 50% |" in robust and "| 0 | 0% |" in robust
+
+
+def test_pretrained_base_with_lora_the_paper_path(tmp_path: Path) -> None:
+    """configs/imdb/paper.yaml's code path on a local model: no tokenizer training or LM pretraining (the base is
+    given), LoRA for SFT / reward / policy, SFT and policy exported merged (plain transformers dirs)."""
+    lora = '{"r": 4, "alpha": 8}'
+    out = tmp_path / "run"
+    summary = run.main(
+        ci_args(out, "--base_model.name_or_path", TINY_LLAMA, "--sft.lora", lora, "--reward.lora", lora)
+        + ["--policy.lora", lora]
+    )
+    base = json.loads((only_stage(out, "base_model") / "stage.json").read_text())
+    assert base["outputs"]["model"] == TINY_LLAMA and base["stats"] == {"pretrained": TINY_LLAMA}
+    for label in ("sft", "policy-madpo-high-s0"):
+        config = json.loads((only_stage(out, label) / "model" / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"]  # merged: loads without peft
+        assert not (only_stage(out, label) / "model" / "adapter_config.json").exists()
+    assert summary["intervals_separated"] in (True, False) and len(summary["rows"]) == 2

@@ -106,11 +106,21 @@ def reward_table(rows: list[dict]) -> list[str]:
 
 
 def stage_table(results: list[StageResult]) -> list[str]:
-    lines = ["| stage | directory | wall time (s) | this run |", "|---|---|---|---|"]
+    """Wall and CPU time of every stage (from its manifest: a cached stage shows the time it took when it ran) and
+    the machine's 1-minute load average when it started and ended (timings on a shared CPU need it)."""
+    lines = [
+        "| stage | directory | wall time (s) | CPU time (s) | load avg start → end | threads | this run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r.label} | `{r.path.name}` | {r.seconds:.1f} | {'cached' if r.cached else 'ran'} |")
+        load = r.manifest.get("load_average") or {}
+        lines.append(
+            f"| {r.label} | `{r.path.name}` | {r.seconds:.1f} | {_f(r.manifest.get('cpu_seconds'), 1)} | "
+            f"{_f(load.get('start'), 2)} → {_f(load.get('end'), 2)} | {r.manifest.get('torch_threads', '–')} | "
+            f"{'cached' if r.cached else 'ran'} |"
+        )
     total = sum(r.seconds for r in results)
-    lines.append(f"| **total** (as if run from scratch) | | {total:.1f} | |")
+    lines.append(f"| **total** (as if run from scratch) | | {total:.1f} | | | | |")
     return lines
 
 
@@ -148,11 +158,33 @@ def summarize(pipe: Pipeline, done: dict[str, StageResult], wall_seconds: float,
             f"- Reward model (tier {tier}): validation accuracy {_f(rm.get('val/accuracy'))} against the noisy labels "
             f"of {done['reward'].stats['n_val']} eval pairs."
         )
+    margins = done["policy"].stats.get("margins")
+    if margins:
+        lines.append(
+            f"- Reward-model margins on the policy's training pairs: agree with the oracle on "
+            f"{_f(margins.get('agrees_with_oracle'))}, sd {_f(margins.get('sd'))}; "
+            f"{margins['frac_downweighted_negative'] + margins['frac_capped_below_minus_tau']:.1%} down-weighted "
+            f"(m < 0), {margins['frac_amplified_0_to_tau']:.1%} amplified (0 < m < τ), "
+            f"{margins['frac_damped_above_tau']:.1%} damped (m ≥ τ)."
+        )
     pol = done["policy"].stats["metrics"]
     lines.append(
         f"- Policy validation: implicit-reward accuracy {_f(pol.get('val/rewards/accuracies'))}, "
         f"loss {_f(pol.get('val/loss'))}."
     )
+    lines += ["", "## The same policy stage through `fit`", ""]
+    pairs_dir = done["pairs"].path / "pairs" / tier
+    fit_args = [
+        "python cli.py fit -c configs/tiny/madpo.yaml",
+        f"--model.init_args.model_name_or_path {done['sft'].output('model')}",
+        f"--model.init_args.loss {cfg.policy.loss} --model.init_args.variant {cfg.policy.variant}",
+        f"--model.init_args.optimizer.lr {cfg.policy.lr:g}",
+        f"--data.train_files {pairs_dir / 'train.jsonl'} --data.val_files {pairs_dir / 'eval.jsonl'}",
+        f"--data.max_length {cfg.pair_max_length} --data.max_prompt_length {cfg.max_prompt_length}",
+    ]
+    if "reward" in done:
+        fit_args.append(f"--data.reward_model {done['reward'].output('model')}")
+    lines += ["```", " \\\n    ".join(fit_args), "```"]
     lines += ["", "## Wall time per stage", ""]
     lines += stage_table(pipe.ctx.results)
     lines += [

@@ -394,7 +394,7 @@ def fit(
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from madpo.callbacks import DestroyProcessGroup
+    from madpo.callbacks import DestroyProcessGroup, PairThroughput
 
     _quiet_lightning()
     if n_train_rows < 1:
@@ -403,7 +403,7 @@ def fit(
     total_batches = epochs * batches_per_epoch
     if max_steps:
         total_batches = min(total_batches, max_steps * accumulate_grad_batches)
-    callbacks: list[Any] = [DestroyProcessGroup()]
+    callbacks: list[Any] = [DestroyProcessGroup(), PairThroughput()]
     if ctx.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 25))
     trainer = L.Trainer(
@@ -436,10 +436,12 @@ def fit(
     }
 
 
-def _optimizer(lr: float, warmup_ratio: float, schedule: str = "cosine") -> Any:
+def _optimizer(ctx: Context, lr: float, warmup_ratio: float, schedule: str = "cosine") -> Any:
     from madpo.modules.base import OptimizerOptions
 
-    return OptimizerOptions(lr=lr, warmup_ratio=warmup_ratio, schedule=schedule)
+    # Lightning refuses gradient clipping with a fused optimizer under mixed precision: use the foreach AdamW there
+    fused = False if "mixed" in ctx.trainer.precision and ctx.trainer.gradient_clip_val else None
+    return OptimizerOptions(lr=lr, warmup_ratio=warmup_ratio, schedule=schedule, fused=fused)
 
 
 def _seed(seed: int) -> None:
@@ -593,7 +595,9 @@ def stage_oracle(
         seconds = time.perf_counter() - start
         tok = load_tokenizer(tokenizer.output("tokenizer"))
         ids = tok(held_texts, add_special_tokens=False)["input_ids"]
-        snippets = tok.batch_decode([i[:snippet_tokens] for i in ids], skip_special_tokens=True)
+        snippets = tok.batch_decode(
+            [i[:snippet_tokens] for i in ids], skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
         snippet_acc = oracle_accuracy(oracle, snippets, held_labels)
         stats = {
             **oracle.describe(),
@@ -692,7 +696,7 @@ def stage_base_model(ctx: Context, cfg: BaseModelConfig, reviews: StageResult, t
         module = PolicyLightningModule(
             str(init),
             loss="sft",
-            optimizer=_optimizer(cfg.lm_lr, cfg.lm_warmup_ratio),
+            optimizer=_optimizer(ctx, cfg.lm_lr, cfg.lm_warmup_ratio),
             export_dir=str(path / "model"),
         )
         dm = PreferenceDataModule.from_datasets(
@@ -771,7 +775,7 @@ def stage_sft(ctx: Context, cfg: SftConfig, prompt_tokens: int, reviews: StageRe
         module = PolicyLightningModule(
             base_path,
             loss="sft",
-            optimizer=_optimizer(cfg.lr, cfg.warmup_ratio),
+            optimizer=_optimizer(ctx, cfg.lr, cfg.warmup_ratio),
             lora=cfg.lora,
             export=cfg.lora is None,
             export_dir=str(path / "model"),
@@ -854,7 +858,7 @@ def stage_pairs(
 
     def body(path: Path) -> StageOutput:
         from madpo.modeling import load_causal_lm, load_tokenizer
-        from madpo.pipeline.generate import sample_continuation_ids, split_review
+        from madpo.pipeline.generate import decode_continuation, sample_continuation_ids, split_review
         from madpo.pipeline.tiers import build_tiers, label_noise_stats, make_preference_splits
 
         data, slices = load_reviews(reviews), load_slices(reviews)
@@ -885,8 +889,8 @@ def stage_pairs(
             desc="sampling pairs",
         )
         del model
-        sample1 = [tok.decode(s[0], skip_special_tokens=True) for s in ids]
-        sample2 = [tok.decode(s[1], skip_special_tokens=True) for s in ids]
+        sample1 = [decode_continuation(tok, s[0]) for s in ids]
+        sample2 = [decode_continuation(tok, s[1]) for s in ids]
         say(f"pairs: sampled {gen_stats['n_sequences']} continuations at {gen_stats['tokens_per_s']} tokens/s")
         orc = load_oracle(oracle, oracle_cfg, ctx.device)
         r1 = _score_column(orc, prompts, sample1, "sample1")
@@ -982,7 +986,7 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 def _pair_data(
     pairs: StageResult, tier: str, n_val: int | None, tokenizer: Any, max_prompt_length: int
-) -> tuple[Any, Any, int, int]:
+) -> tuple[Any, Any, list[dict], int]:
     train = load_pairs(pairs, tier, "train")
     val = load_pairs(pairs, tier, "eval")
     val = val[:n_val] if n_val is not None else val
@@ -991,9 +995,34 @@ def _pair_data(
     return (
         _dataset(train, PAIR_COLUMNS),
         _dataset(val, PAIR_COLUMNS) if val else None,
-        len(train),
+        train,
         len(val),
     )
+
+
+def margin_stats(margins: Sequence[float], index: Sequence[int], rows: Sequence[dict], tau: float) -> dict:
+    """How the reward model's margins m on the training pairs fall into MADPO's weight regions, and how well they
+    agree with the (noisy) labels and with the oracle: the diagnostics behind "which part of w(m) matters"."""
+    m = np.asarray(margins, dtype=np.float64)
+    gap = np.asarray([rows[i]["oracle_chosen"] - rows[i]["oracle_rejected"] for i in index], dtype=np.float64)
+    if m.size == 0:
+        return {"n": 0}
+    informative = gap != 0
+    corr = float(np.corrcoef(m, gap)[0, 1]) if m.size > 1 and m.std() > 0 and gap.std() > 0 else None
+    return {
+        "n": int(m.size),
+        "mean": float(m.mean()),
+        "sd": float(m.std()),
+        "frac_capped_below_minus_tau": float((m <= -tau).mean()),
+        "frac_downweighted_negative": float(((m > -tau) & (m < 0)).mean()),
+        "frac_amplified_0_to_tau": float(((m > 0) & (m < tau)).mean()),
+        "frac_damped_above_tau": float((m >= tau).mean()),
+        "agrees_with_label": float((m > 0).mean()),
+        "agrees_with_oracle": float((np.sign(m[informative]) == np.sign(gap[informative])).mean())
+        if informative.any()
+        else None,
+        "corr_with_oracle_gap": corr,
+    }
 
 
 def stage_reward(
@@ -1024,10 +1053,11 @@ def stage_reward(
         _seed(cfg.seed)
         base_path = base.output("model")
         tok = load_tokenizer(base_path)
-        train, val, n_train, n_val = _pair_data(pairs, tier, cfg.n_val, tok, max_prompt_length)
+        train, val, train_rows, n_val = _pair_data(pairs, tier, cfg.n_val, tok, max_prompt_length)
+        n_train = len(train_rows)
         module = RewardLightningModule(
             base_path,
-            optimizer=_optimizer(cfg.lr, cfg.warmup_ratio),
+            optimizer=_optimizer(ctx, cfg.lr, cfg.warmup_ratio),
             lora=cfg.lora,
             export_dir=str(path / "model"),
         )
@@ -1107,7 +1137,8 @@ def stage_policy(
         _seed(cfg.seed)
         sft_path = sft.output("model")
         tok = load_tokenizer(sft_path)
-        train, val, n_train, n_val = _pair_data(pairs, cfg.tier, cfg.n_val, tok, max_prompt_length)
+        train, val, train_rows, n_val = _pair_data(pairs, cfg.tier, cfg.n_val, tok, max_prompt_length)
+        n_train = len(train_rows)
         module = PolicyLightningModule(
             sft_path,
             loss=cfg.loss,  # type: ignore[arg-type]
@@ -1117,7 +1148,7 @@ def stage_policy(
             c_min=cfg.c_min,
             lam=cfg.lam,
             tau=cfg.tau,
-            optimizer=_optimizer(cfg.lr, cfg.warmup_ratio, cfg.schedule),
+            optimizer=_optimizer(ctx, cfg.lr, cfg.warmup_ratio, cfg.schedule),
             lora=cfg.lora,
             export=cfg.lora is None,
             export_dir=str(path / "model"),
@@ -1149,7 +1180,12 @@ def stage_policy(
         )
         if cfg.lora is not None:
             module.export(str(path / "model"), merge_adapter=True)
-        return StageOutput({"model": "model"}, {"n_train": n_train, "n_val": n_val, **result})
+        stats = {"n_train": n_train, "n_val": n_val, **result}
+        ds = dm.train_dataset
+        if cfg.uses_margins and ds is not None and "rm_margin" in ds.column_names:
+            stats["margins"] = margin_stats(ds["rm_margin"], ds["index"], train_rows, cfg.tau)
+            say(f"policy: reward-model margins on the training pairs: {stats['margins']}")
+        return StageOutput({"model": "model"}, stats)
 
     return run_stage(ctx, "policy", config, upstream, body, label=policy_label(cfg))
 
@@ -1338,6 +1374,8 @@ class Pipeline:
         if self.cfg.policy.uses_margins:
             steps.append(("reward", lambda: self.reward(self.cfg.policy.tier)))
         steps += [("policy", self.policy), ("evaluate_sft", self.evaluate_sft), ("evaluate", self.evaluate_policy)]
+        if stop == "reward" and not self.cfg.policy.uses_margins:
+            stop = "pairs"  # this method reads no reward model
         done: dict[str, StageResult] = {}
         for name, make in steps:
             done[name] = make()
@@ -1360,6 +1398,7 @@ __all__ = [
     "load_pairs",
     "load_reviews",
     "load_slices",
+    "margin_stats",
     "policy_label",
     "quiet_libraries",
     "run_stage",
