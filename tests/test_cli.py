@@ -149,3 +149,11 @@ def test_export_command_rebuilds_the_fit_export(tmp_path, reward_model_dir):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], msg=key)
+
+
+def test_bf16_mixed_with_gradient_clipping_trains(tmp_path):
+    """The automatic fused AdamW steps aside where Lightning cannot clip a fused optimizer under mixed precision."""
+    cli_main(
+        tiny_args("dpo.yaml", tmp_path, *SHORT, "--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=1.0")
+    )
+    assert (tmp_path / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt").exists()

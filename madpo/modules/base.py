@@ -178,6 +178,8 @@ class PairwiseModule(L.LightningModule):
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         fused = _fused_adamw_supported(params) if opt.fused is None else opt.fused
+        if opt.fused is None and "mixed" in str(self.trainer.precision) and self.trainer.gradient_clip_val:
+            fused = False  # Lightning refuses gradient clipping with a fused optimizer under mixed precision
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=opt.lr,
