@@ -89,6 +89,11 @@ class PreferenceDataModule(L.LightningDataModule):
         eval_batch_size: validation batch size in pairs (None: `batch_size`).
         num_workers: DataLoader worker processes.
         pad_to_multiple_of: round padded batch lengths up to this multiple (e.g. 8); None: no rounding.
+        group_by_length: draw training batches of similar lengths (less padding, faster steps): each epoch's seeded
+            permutation is cut into mega-batches of 50 global batches, each sorted by length and cut into global
+            batches, whose order is shuffled (the longest first, so an out-of-memory error shows at step 0). Still
+            epoch-seeded, resumable and the same global batches for any number of processes; off by default (it
+            changes which pairs share a batch).
         reward_model: directory or hub id of a trained reward model (`*ForSequenceClassification`, num_labels=1, with
             its tokenizer saved alongside); when given, `rm_margin` = r(chosen) - r(rejected) is scored once and
             cached.
@@ -119,6 +124,7 @@ class PreferenceDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pad_to_multiple_of: int | None = None,
+        group_by_length: bool = False,
         reward_model: str | None = None,
         scoring_batch_size: int = 32,
         cache_dir: str = ".cache/madpo",
@@ -499,9 +505,19 @@ class PreferenceDataModule(L.LightningDataModule):
         # resumed run sees the same order as an uninterrupted one, and N ranks together see exactly the batches a
         # single process sees with an N-times larger batch. Lightning keeps a DistributedSampler it is given.
         world, rank = self._replicas()
-        sampler = ResumableSampler(
-            self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed, drop_last=False
-        )
+        if self.hparams.get("group_by_length", False):
+            sampler: ResumableSampler = LengthGroupedSampler(
+                self.train_dataset,
+                lengths=row_lengths(self.train_dataset),
+                global_batch_size=self.hparams.batch_size * world,
+                num_replicas=world,
+                rank=rank,
+                seed=self.hparams.seed,
+            )
+        else:
+            sampler = ResumableSampler(
+                self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed, drop_last=False
+            )
         return ResumableDataLoader(
             self.train_dataset,
             batches_trained=self._batches_trained,
@@ -524,3 +540,71 @@ class PreferenceDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Length-grouped training order
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def row_lengths(dataset: datasets.Dataset) -> list[int]:
+    """Padded width each row needs in a batch: prompt + the longer completion (prompt + completion for SFT rows)."""
+    import pyarrow.compute as pc
+
+    table = dataset.with_format(None).data
+    width = pc.list_value_length(table.column("prompt_ids"))
+    completions = [c for c in ("chosen_ids", "rejected_ids") if c in dataset.column_names]
+    longest = pc.list_value_length(table.column(completions[0]))
+    for name in completions[1:]:
+        longest = pc.max_element_wise(longest, pc.list_value_length(table.column(name)))
+    return pc.add(width, longest).to_pylist()
+
+
+def length_grouped_order(lengths: list[int], global_batch_size: int, seed: int, *, megabatch: int = 50) -> list[int]:
+    """A seeded permutation of `range(len(lengths))` whose consecutive chunks of `global_batch_size` hold rows of
+    similar lengths (HF's LengthGroupedSampler scheme, with the batch order shuffled).
+
+    The seeded permutation is cut into mega-batches of `megabatch` global batches; each is sorted by length (longest
+    first) and cut into global batches; the full batches are shuffled (same generator) with the one holding the
+    longest row first, and a final partial batch stays last so every other batch stays whole.
+    """
+    n = len(lengths)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    perm = torch.randperm(n, generator=generator).tolist()
+    mega = global_batch_size * megabatch
+    batches: list[list[int]] = []
+    for start in range(0, n, mega):
+        chunk = sorted(perm[start : start + mega], key=lambda i: -lengths[i])  # stable: ties keep the seeded order
+        batches += [chunk[i : i + global_batch_size] for i in range(0, len(chunk), global_batch_size)]
+    tail = [batches.pop()] if batches and len(batches[-1]) < global_batch_size else []
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
+        first = batches.pop(longest)
+        batches = [first] + [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return [i for batch in batches + tail for i in batch]
+
+
+class _LengthGroupedOrder(DistributedSampler):
+    """`DistributedSampler` whose epoch permutation is `length_grouped_order(..., seed + epoch)`; padding and the
+    per-rank split (`indices[rank::world]`) are DistributedSampler's, so rank r's k-th batch is every world-th row of
+    the k-th global batch and N ranks together see exactly the batches one process sees with an N-times batch."""
+
+    def __init__(self, dataset: Any, *, lengths: list[int], global_batch_size: int, **kwargs: Any) -> None:
+        super().__init__(dataset, shuffle=True, drop_last=False, **kwargs)
+        if len(lengths) != len(dataset):
+            raise ValueError(f"lengths has {len(lengths)} entries for {len(dataset)} rows")
+        if global_batch_size % self.num_replicas:
+            raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of {self.num_replicas} ranks")
+        self.lengths, self.global_batch_size = list(lengths), global_batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        indices = length_grouped_order(self.lengths, self.global_batch_size, self.seed + self.epoch)
+        padding = self.total_size - len(indices)
+        if padding > 0:  # as DistributedSampler pads (drop_last=False)
+            indices += (indices * -(-padding // len(indices)))[:padding]
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
+
+
+class LengthGroupedSampler(ResumableSampler, _LengthGroupedOrder):
+    """The resumable training sampler of `group_by_length=True` (resume logic from `ResumableSampler`)."""

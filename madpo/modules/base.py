@@ -89,7 +89,9 @@ class PairwiseModule(L.LightningModule):
     @staticmethod
     def _new_metric(name: str) -> nn.Module:
         cls = MinMetric if name.endswith("_min") else MaxMetric if name.endswith("_max") else MeanMetric
-        return cls(sync_on_compute=False)  # inputs are already gathered across ranks
+        # inputs are already gathered across ranks; values are logged only after the finite-loss check, so the NaN
+        # scan (a host-device sync per metric per step on GPU) is off
+        return cls(sync_on_compute=False, nan_strategy="disable")
 
     # ---- the handshake with PreferenceDataModule ---------------------------------------------------------------
     def data_requirements(self) -> DataRequirements:
