@@ -20,6 +20,7 @@ import torch
 from madpo.modeling import sequence_logps
 from madpo.pipeline.generate import decode_continuation, encode_prompt, sample_continuation_ids
 from madpo.pipeline.oracle import checked_scores
+from madpo.pipeline.serialize import jsonable as _jsonable
 
 Z95 = 1.96
 
@@ -190,20 +191,6 @@ def evaluate_policy(
 # ----------------------------------------------------------------------------------------------------------------
 # writing results
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -60,6 +60,7 @@ from madpo.pipeline.config import (
     SftConfig,
     TrainerConfig,
 )
+from madpo.pipeline.serialize import jsonable as _jsonable
 
 log = logging.getLogger(__name__)
 
@@ -139,24 +140,6 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:  # 0-d tensors
-        return value.item()
-    return value
 
 
 def say(message: str) -> None:
