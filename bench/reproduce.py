@@ -5,6 +5,7 @@ robustness sweep.
     python bench/reproduce.py -c configs/pipeline/quickstart.yaml                       # the full grid (long)
     python bench/reproduce.py -c configs/pipeline/quickstart.yaml --methods dpo,madpo --tiers high --seeds 0
     python bench/reproduce.py -c configs/pipeline/quickstart.yaml --frontier --robustness --seeds 0
+    python bench/reproduce.py -c configs/pipeline/quickstart.yaml --jobs 2   # 2 worker processes x 1 thread each
 
 Every option not listed below is a pipeline flag (`--policy.lr`, `--output_dir`, ...). Upstream stages (reviews ...
 reward models) are shared with `python cli.py pipeline` on the same config, and every cell (policy + evaluation) is
@@ -37,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from madpo.pipeline.config import METHODS, TIER_NAMES, PipelineConfig, PolicyConfig  # noqa: E402
 from madpo.pipeline.run import configure_logging, parse_config  # noqa: E402
-from madpo.pipeline.stages import Pipeline, StageResult, say, write_json_atomic  # noqa: E402
+from madpo.pipeline.stages import Pipeline, StageResult, policy_label, say, write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_METHODS = (
@@ -85,6 +86,14 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-fraction", default="0,0.1,0.2,0.3", help="margin sign-flip fractions")
     p.add_argument("--robustness-tier", default="high")
     p.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run the cells in this many worker processes (each with trainer.num_threads / jobs threads), then write "
+        "the reports from the cache; upstream stages run first, in this process",
+    )
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "k/n": a --jobs worker runs cells k, k+n, ...
     return p
 
 
@@ -386,6 +395,54 @@ def _dump(path: Path, cells: list[Cell], extra: dict) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def plan(opts: argparse.Namespace, cfg: PipelineConfig) -> dict[str, list[tuple[PolicyConfig, dict]]]:
+    """Every cell of this invocation, per report: (policy config, extra labels)."""
+    methods, tiers, seeds = _list(opts.methods), _list(opts.tiers), _list(opts.seeds, int)
+
+    def policy(**changes: Any) -> PolicyConfig:
+        return dataclasses.replace(cfg.policy, **changes)
+
+    cells: dict[str, list[tuple[PolicyConfig, dict]]] = {}
+    if not opts.no_table:
+        cells["table"] = [(policy(method=m, tier=t, seed=s), {}) for t in tiers for m in methods for s in seeds]
+    if opts.frontier:
+        knob = opts.frontier_knob
+        cells["frontier"] = [
+            (policy(method=m, tier=opts.frontier_tier, seed=s, **{knob: v}), {knob: v})
+            for v in _list(opts.frontier_grid, float)
+            for m in ("dpo", "madpo")
+            for s in seeds
+        ]
+    if opts.robustness:
+        levels = [(n, 0.0) for n in _list(opts.noise_std, float)]
+        levels += [(0.0, f) for f in _list(opts.flip_fraction, float) if f > 0]
+        cells["robustness"] = [(policy(method="dpo", tier=opts.robustness_tier, seed=s), {}) for s in seeds] + [
+            (
+                policy(method="madpo", tier=opts.robustness_tier, seed=s, margin_noise_std=n, margin_flip_fraction=f),
+                {"noise_std": n, "flip_fraction": f},
+            )
+            for n, f in levels
+            for s in seeds
+        ]
+    return cells
+
+
+def run_workers(opts: argparse.Namespace, argv: list[str], cfg: PipelineConfig, scratch: Path) -> None:
+    """`--jobs n`: n copies of this script, worker k running cells k, k+n, ... (cached stages, so the workers share
+    nothing but the output dir; each writes its own stages). Threads are split between them."""
+    import subprocess
+
+    threads = max(1, (cfg.trainer.num_threads or os.cpu_count() or 1) // opts.jobs)
+    procs = []
+    for k in range(opts.jobs):
+        cmd = [sys.executable, __file__, *argv, "--shard", f"{k}/{opts.jobs}", "--results-dir", str(scratch / str(k))]
+        cmd += ["--trainer.num_threads", str(threads), "--trainer.progress_bar", "false"]
+        procs.append(subprocess.Popen(cmd))
+    failed = [k for k, proc in enumerate(procs) if proc.wait() != 0]
+    if failed:
+        raise SystemExit(f"bench: workers {failed} failed (see their output above); finished cells stay cached")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts, rest = bench_parser().parse_known_args(argv)
@@ -395,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
 
         torch.set_num_threads(cfg.trainer.num_threads)
-    methods, tiers, seeds = _list(opts.methods), _list(opts.tiers), _list(opts.seeds, int)
+    methods, tiers = _list(opts.methods), _list(opts.tiers)
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; expected some of {sorted(METHODS)}")
@@ -407,18 +464,31 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     pipe = Pipeline(cfg)
     sft = pipe.evaluate_sft()  # runs (or finds cached) everything up to the pairs, and the SFT baseline
+    cells_by_report = plan(opts, cfg)
+    if opts.shard:
+        k, n = (int(v) for v in opts.shard.split("/"))
+        # one entry per distinct policy (a frontier or robustness cell can repeat a table cell: it is one stage)
+        unique = {repr(p): (p, extra) for cells in cells_by_report.values() for p, extra in cells}
+        mine = list(unique.values())[k::n]
+        say(f"bench worker {k}/{n}: {len(mine)} cells")
+        for i, (policy, extra) in enumerate(mine, 1):
+            say(f"bench worker {k}/{n}: cell {i}/{len(mine)}: {policy_label(policy)}")
+            run_cell(pipe, policy, **extra)
+        return {}
+    if opts.jobs > 1:
+        # the reward models first, here, so that no two workers train the same one
+        for tier in sorted({p.tier for cells in cells_by_report.values() for p, _ in cells if p.uses_margins}):
+            pipe.reward(tier)
+        run_workers(opts, argv, cfg, out_dir / ".workers")
     written: dict[str, Any] = {}
 
-    def policy(**changes: Any) -> PolicyConfig:
-        return dataclasses.replace(cfg.policy, **changes)
-
-    if not opts.no_table:
-        grid = [(m, t, s) for t in tiers for m in methods for s in seeds]
-        say(f"bench: {len(grid)} cells ({len(methods)} methods x {len(tiers)} tiers x {len(seeds)} seeds)")
+    if "table" in cells_by_report:
+        grid = cells_by_report["table"]
+        say(f"bench: {len(grid)} cells ({len(methods)} methods x {len(tiers)} tiers x {len(_list(opts.seeds))} seeds)")
         cells = []
-        for i, (m, t, s) in enumerate(grid, 1):
-            say(f"bench: cell {i}/{len(grid)}: {m} / {t} / seed {s}")
-            cells.append(run_cell(pipe, policy(method=m, tier=t, seed=s)))
+        for i, (policy, extra) in enumerate(grid, 1):
+            say(f"bench: cell {i}/{len(grid)}: {policy.method} / {policy.tier} / seed {policy.seed}")
+            cells.append(run_cell(pipe, policy, **extra))
             wall = time.perf_counter() - start
             rm_acc = {
                 tier: pipe.reward(tier).stats["metrics"].get("val/accuracy")
@@ -428,27 +498,16 @@ def main(argv: list[str] | None = None) -> dict:
             (out_dir / "imdb-offline.md").write_text(md)
             _dump(out_dir / "imdb-offline.json", cells, {"sft": sft.stats["reward"], "argv": argv})
         written["table"] = str(out_dir / "imdb-offline.md")
-    if opts.frontier:
+    if "frontier" in cells_by_report:
         knob = opts.frontier_knob
-        grid_f = [(v, m, s) for v in _list(opts.frontier_grid, float) for m in ("dpo", "madpo") for s in seeds]
-        say(f"bench: frontier, {len(grid_f)} cells over {knob}")
-        fcells = []
-        for v, m, s in grid_f:
-            fcells.append(run_cell(pipe, policy(method=m, tier=opts.frontier_tier, seed=s, **{knob: v}), **{knob: v}))
+        say(f"bench: frontier, {len(cells_by_report['frontier'])} cells over {knob}")
+        fcells = [run_cell(pipe, policy, **extra) for policy, extra in cells_by_report["frontier"]]
         wall = time.perf_counter() - start
         (out_dir / "reward_kl_frontier.md").write_text(frontier_report(cfg, argv, wall, fcells, knob, out_dir))
         _dump(out_dir / "reward_kl_frontier.json", fcells, {"knob": knob, "argv": argv})
         written["frontier"] = str(out_dir / "reward_kl_frontier.png")
-    if opts.robustness:
-        levels = [(n, 0.0) for n in _list(opts.noise_std, float)]
-        levels += [(0.0, f) for f in _list(opts.flip_fraction, float) if f > 0]
-        rcells = [run_cell(pipe, policy(method="dpo", tier=opts.robustness_tier, seed=s)) for s in seeds]
-        for n, f in levels:
-            for s in seeds:
-                p = policy(
-                    method="madpo", tier=opts.robustness_tier, seed=s, margin_noise_std=n, margin_flip_fraction=f
-                )
-                rcells.append(run_cell(pipe, p, noise_std=n, flip_fraction=f))
+    if "robustness" in cells_by_report:
+        rcells = [run_cell(pipe, policy, **extra) for policy, extra in cells_by_report["robustness"]]
         wall = time.perf_counter() - start
         (out_dir / "robustness.md").write_text(robustness_report(cfg, argv, wall, rcells))
         _dump(out_dir / "robustness.json", rcells, {"argv": argv})

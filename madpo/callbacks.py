@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 
 import lightning as L
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class DestroyProcessGroup(L.Callback):
@@ -19,6 +23,63 @@ class DestroyProcessGroup(L.Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+class KeepBestWeights(L.Callback):
+    """Keep a copy of the trainable weights at the best `monitor` value seen at validation, and put them back when
+    fit ends, before the module exports (callbacks' `on_fit_end` runs before the module's).
+
+    With `EarlyStopping` this is the paper's reward-model protocol (validate every n updates, patience 3, keep the
+    best). The copy lives in CPU memory and holds only parameters that train (a LoRA adapter and head, or the whole
+    model under full fine-tuning). The monitored metric must be identical on every rank (madpo's val metrics are
+    gathered), so every rank keeps the same step.
+    """
+
+    def __init__(self, monitor: str = "val/loss", mode: str = "min") -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"KeepBestWeights: mode must be 'min' or 'max', got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.best_metrics: dict[str, float] = {}
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise KeyError(
+                f"KeepBestWeights: metric {self.monitor!r} was not logged at validation; logged: "
+                f"{sorted(trainer.callback_metrics)}"
+            )
+        value = float(value)
+        if math.isfinite(value) and self._better(value):
+            self.best, self.best_step = value, trainer.global_step
+            self.best_metrics = {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1
+            }
+            self._state = {
+                name: p.detach().to("cpu", copy=True) for name, p in pl_module.named_parameters() if p.requires_grad
+            }
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._state is None:
+            return
+        params = dict(pl_module.named_parameters())
+        with torch.no_grad():
+            for name, saved in self._state.items():
+                params[name].copy_(saved)
+        log.info("restored the weights of step %d (%s = %.4f)", self.best_step, self.monitor, self.best)
+        print(
+            f"[madpo] restored the best weights: step {self.best_step}, {self.monitor} = {self.best:.4f} "
+            f"(fit ended at step {trainer.global_step})"
+        )
 
 
 class PairThroughput(L.Callback):

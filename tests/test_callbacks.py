@@ -1,12 +1,15 @@
-"""TensorBoard views: throughput scalars, margin/weight histograms, sample generations as text, final hparams."""
+"""TensorBoard views (throughput scalars, margin/weight histograms, sample generations, final hparams) and
+KeepBestWeights."""
 
 from __future__ import annotations
 
 import glob
 
+import lightning as L
+import pytest
 import torch
 
-from madpo.callbacks import SampleGenerations
+from madpo.callbacks import KeepBestWeights, SampleGenerations
 from madpo.cli import cli_main
 from madpo.modeling import init_reward_model, load_tokenizer
 from madpo.modules import PolicyLightningModule
@@ -71,3 +74,65 @@ def test_sample_generations_are_reproducible_and_leave_the_mode_alone():
     with torch.no_grad():
         next(module.model.parameters()).add_(1.0)
     assert callback.generate(module) != first
+
+
+class _ScriptedValLoss(L.LightningModule):
+    """One trainable scalar that moves every step; validation reports a scripted loss per validation round."""
+
+    def __init__(self, val_losses: list[float]) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.frozen = torch.nn.Parameter(torch.ones(()), requires_grad=False)
+        self.val_losses, self.round, self.w_at_round = val_losses, 0, []
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        return (self.w - 100.0) ** 2  # pulls w steadily away from 0
+
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001
+        self.log("val/loss", self.val_losses[self.round])
+
+    def on_validation_epoch_end(self) -> None:
+        self.w_at_round.append(float(self.w))
+        self.round += 1
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.w], lr=0.01)
+
+
+def _fit_scripted(
+    val_losses: list[float], mode: str = "min", monitor: str = "val/loss"
+) -> tuple[_ScriptedValLoss, KeepBestWeights]:
+    module, keep = _ScriptedValLoss(val_losses), KeepBestWeights(monitor=monitor, mode=mode)
+    data = torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=1)
+    trainer = L.Trainer(
+        max_steps=8,
+        val_check_interval=2,
+        callbacks=[keep],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        limit_val_batches=1,
+    )
+    trainer.fit(module, data, data)
+    return module, keep
+
+
+@pytest.mark.parametrize(("mode", "best_round"), [("min", 1), ("max", 2)])
+def test_keep_best_weights_restores_the_best_validation_round(mode: str, best_round: int) -> None:
+    losses = [3.0, 1.0, 5.0, 2.0]  # validations after steps 2, 4, 6, 8
+    module, keep = _fit_scripted(losses, mode)
+    assert module.round == 4 and keep.best == losses[best_round]
+    assert keep.best_step == 2 * (best_round + 1)
+    # the weights are those of the best round, not the last step's, and the frozen parameter was left alone
+    assert float(module.w) == module.w_at_round[best_round] != module.w_at_round[-1]
+    assert float(module.frozen) == 1.0 and "frozen" not in keep._state
+
+
+def test_keep_best_weights_names_a_missing_metric() -> None:
+    with pytest.raises(KeyError, match="val/accuracy"):
+        _fit_scripted([1.0] * 4, monitor="val/accuracy")
+    with pytest.raises(ValueError, match="mode"):
+        KeepBestWeights(mode="lowest")

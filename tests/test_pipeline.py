@@ -117,6 +117,10 @@ def test_artifacts(finished: tuple[Path, dict, float]) -> None:
     assert list((only_stage(out, "evaluate-madpo-high-s0") / "tensorboard").rglob("events.out.tfevents.*"))
     policy = json.loads((only_stage(out, "policy-madpo-high-s0") / "stage.json").read_text())
     assert policy["stats"]["data"]["train"]["rm_margin"]["source"].startswith("reward_model=")
+    # the reward model validated during training and exported its best weights (val every 2 steps, 2 epochs x 4)
+    reward = json.loads((only_stage(out, "reward-high") / "stage.json").read_text())["stats"]
+    assert reward["best_step"] in range(2, reward["global_step"] + 1, 2)
+    assert reward["metrics"]["val/loss"] <= reward["last_val_metrics"]["val/loss"]
 
 
 def test_second_run_is_all_cached_and_fast(finished: tuple[Path, dict, float], capsys: pytest.CaptureFixture) -> None:
@@ -225,11 +229,7 @@ def test_flags_override_the_yaml_and_stage_keys_follow_their_inputs(tmp_path: Pa
     assert stages.stage_key("policy", {"beta": 0.1}, [up]) != stages.stage_key("policy", {"beta": 0.1}, [other])
 
 
-def test_bench_reproduce_smoke(
-    finished: tuple[Path, dict, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """bench/reproduce.py on the cached CI stages: one table cell, a 1-point frontier and a 2-level robustness sweep;
-    every report is written, and the cells it shares with the pipeline run come from the cache."""
+def _reproduce_module(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("reproduce", REPO / "bench" / "reproduce.py")
@@ -237,6 +237,15 @@ def test_bench_reproduce_smoke(
     reproduce = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "reproduce", reproduce)  # dataclasses look their module up there
     spec.loader.exec_module(reproduce)
+    return reproduce
+
+
+def test_bench_reproduce_smoke(
+    finished: tuple[Path, dict, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/reproduce.py on the cached CI stages: one table cell, a 1-point frontier and a 2-level robustness sweep;
+    every report is written, and the cells it shares with the pipeline run come from the cache."""
+    reproduce = _reproduce_module(monkeypatch)
     out = copy_of(finished, tmp_path)
     results = tmp_path / "results"
     args = ["--methods", "madpo,dpo", "--tiers", "high", "--seeds", "0", "--results-dir", str(results)]
@@ -252,6 +261,24 @@ def test_bench_reproduce_smoke(
     assert (results / "reward_kl_frontier.png").stat().st_size > 0
     robust = (results / "robustness.md").read_text()
     assert "| 0 | 50% |" in robust and "| 0 | 0% |" in robust
+
+
+def test_bench_reproduce_jobs_split_the_cells_between_workers(
+    finished: tuple[Path, dict, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--jobs 2: two worker processes run the new cells (each once), then the reports come from the cache."""
+    reproduce = _reproduce_module(monkeypatch)
+    out = copy_of(finished, tmp_path)
+    results = tmp_path / "results"
+    args = ["--methods", "dpo,ipo", "--tiers", "high", "--seeds", "0,1", "--jobs", "2", "--results-dir", str(results)]
+    written = reproduce.main([*args, *ci_args(out, "--trainer.num_threads", "2")])
+    assert set(written) == {"table"}
+    cells = json.loads((results / "imdb-offline.json").read_text())["cells"]
+    assert sorted((c["method"], c["seed"]) for c in cells) == [("dpo", 0), ("dpo", 1), ("ipo", 0), ("ipo", 1)]
+    assert all(c["cached"] for c in cells)  # the workers ran them; the final pass only read them
+    for label in ("policy-dpo-high-s1", "policy-ipo-high-s0", "policy-ipo-high-s1"):
+        assert len(stage_dirs(out, label)) == 1  # each cell ran once, in one worker
+    assert sorted(p.name for p in (results / ".workers").iterdir()) == ["0", "1"]
 
 
 def test_pretrained_base_with_lora_the_paper_path(tmp_path: Path) -> None:

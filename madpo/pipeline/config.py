@@ -202,6 +202,11 @@ class RewardConfig:
     """Fraction of steps in linear warmup."""
     n_val: int | None = 128
     """Validate on the first n eval pairs (null: all)."""
+    val_every_n_steps: int | None = None
+    """Validate every n optimiser steps and keep the weights with the lowest val/loss (the paper: 20); null: validate
+    once at the end and keep the last weights."""
+    early_stopping_patience: int | None = None
+    """With val_every_n_steps: stop after this many validations without a lower val/loss (the paper: 3)."""
     lora: LoraOptions | None = None
     """LoRA instead of full fine-tuning (the head always trains)."""
     seed: int = 0

@@ -370,14 +370,17 @@ def fit(
     max_steps: int | None,
     accumulate_grad_batches: int = 1,
     has_val: bool,
+    val_every_n_steps: int | None = None,
+    early_stopping_patience: int | None = None,
 ) -> dict:
     """Train `module` on `datamodule` with one `lightning.Trainer` (TensorBoard under the stage dir, progress bar,
-    `DestroyProcessGroup`), validating once at the end. Returns the final metrics and the data statistics."""
+    `DestroyProcessGroup`), validating once at the end, or every `val_every_n_steps` optimiser steps keeping the
+    best weights (lowest val/loss) and optionally stopping early. Returns the final metrics and the data statistics."""
     import lightning as L
-    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from madpo.callbacks import DestroyProcessGroup, PairThroughput
+    from madpo.callbacks import DestroyProcessGroup, KeepBestWeights, PairThroughput
 
     _quiet_lightning()
     if n_train_rows < 1:
@@ -389,6 +392,20 @@ def fit(
     callbacks: list[Any] = [DestroyProcessGroup(), PairThroughput()]
     if ctx.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 25))
+    if early_stopping_patience is not None and not val_every_n_steps:
+        raise ValueError("early_stopping_patience needs val_every_n_steps (validation during training)")
+    val_interval = total_batches
+    keep_best = None
+    if has_val and val_every_n_steps:
+        val_interval = min(total_batches, val_every_n_steps * accumulate_grad_batches)
+        keep_best = KeepBestWeights(monitor="val/loss", mode="min")
+        callbacks.append(keep_best)
+        if early_stopping_patience is not None:
+            callbacks.append(
+                EarlyStopping(
+                    monitor="val/loss", mode="min", patience=early_stopping_patience, check_on_train_epoch_end=False
+                )
+            )
     trainer = L.Trainer(
         accelerator=ctx.trainer.accelerator,
         devices=ctx.trainer.devices,
@@ -404,15 +421,24 @@ def fit(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         check_val_every_n_epoch=None,
-        val_check_interval=total_batches if has_val else None,
+        val_check_interval=val_interval if has_val else None,
         limit_val_batches=1.0 if has_val else 0,
         log_every_n_steps=min(ctx.trainer.log_every_n_steps, max(1, total_batches // accumulate_grad_batches)),
         default_root_dir=str(stage_dir),
     )
     trainer.fit(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 0)() == 1}
+    best = {}
+    if keep_best is not None and keep_best.best_step is not None:
+        # the exported weights are the best ones: report their validation metrics, and the last ones beside them
+        best = {
+            "best_step": keep_best.best_step,
+            "last_val_metrics": {k: metrics.get(k) for k in keep_best.best_metrics},
+        }
+        metrics.update(keep_best.best_metrics)
     return {
         "metrics": {k: metrics[k] for k in sorted(metrics)},
+        **best,
         "global_step": int(trainer.global_step),
         "epochs_run": int(trainer.current_epoch),
         "data": datamodule.stats,
@@ -1065,6 +1091,8 @@ def stage_reward(
             max_steps=cfg.max_steps,
             accumulate_grad_batches=cfg.accumulate_grad_batches,
             has_val=val is not None,
+            val_every_n_steps=cfg.val_every_n_steps,
+            early_stopping_patience=cfg.early_stopping_patience,
         )
         acc = result["metrics"].get("val/accuracy")
         if acc is not None:
