@@ -136,3 +136,32 @@ def test_keep_best_weights_names_a_missing_metric() -> None:
         _fit_scripted([1.0] * 4, monitor="val/accuracy")
     with pytest.raises(ValueError, match="mode"):
         KeepBestWeights(mode="lowest")
+
+
+def test_cli_fit_with_keep_best_weights_exports_the_best_checkpoints_weights(tmp_path, capsys) -> None:
+    """`--trainer.callbacks+=madpo.callbacks.KeepBestWeights`: hf_model/ holds the weights of the validation with the
+    lowest val/loss, the same step as the ModelCheckpoint's best checkpoint (not the last step)."""
+    from safetensors.torch import load_file
+
+    cli_main(
+        tiny_args(
+            "reward.yaml",
+            tmp_path,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=6",
+            "--trainer.val_check_interval=2",
+            "--trainer.callbacks+=madpo.callbacks.KeepBestWeights",
+            "--model.optimizer.lr=0.3",  # steps this large overshoot: the best validation (step 4) is not the last
+        )
+    )
+    version = tmp_path / "runs" / "run" / "version_0"
+    best_ckpt = next(p for p in (version / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    best_state = torch.load(best_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    exported = load_file(next((version / "hf_model").glob("*.safetensors")))
+    head = next(k for k in best_state if k.endswith("score.weight"))
+    exported_head = next(v for k, v in exported.items() if k.endswith("score.weight"))
+    assert torch.equal(exported_head, best_state[head])
+    # training went on to step 6 (two more steps at lr 0.3), yet the export holds step 4's weights
+    out = capsys.readouterr().out
+    assert "restored the best weights: step 4," in out and "(fit ended at step 6)" in out
+    assert best_ckpt.name == "epoch=0-step=4.ckpt"
