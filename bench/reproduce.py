@@ -52,6 +52,10 @@ DEFAULT_METHODS = (
     "madpo_no_amplify",
 )
 BASELINES = ("dpo", "ipo", "beta_dpo")
+# method.md §2.7: c(|m|) ≥ 1 for |m| < τ, so amp-only (c clamped ≥ 1) is the paper's MADPO and reg-only (c clamped
+# ≤ 1, hence w = 1) is DPO on every pair with |m| < τ; they differ only where a margin reaches ±τ.
+SAME_BELOW_TAU = {"madpo_amp_only": "madpo", "madpo_reg_only": "dpo"}
+TAU_GAP = 0.5  # margins are scored here in float32, in the runs at the trainer's precision: stay this far inside τ
 
 # method.md §6.1 (main table) and §6.3 (ablation, c = 4, τ = 7, read off plots ±0.01): mean oracle reward
 PAPER: dict[str, dict[str, float]] = {
@@ -85,6 +89,12 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-std", default="0,1,2,4", help="Gaussian margin noise σ levels")
     p.add_argument("--flip-fraction", default="0,0.1,0.2,0.3", help="margin sign-flip fractions")
     p.add_argument("--robustness-tier", default="high")
+    p.add_argument(
+        "--train-identical",
+        action="store_true",
+        help="train amp-only / reg-only even when no training margin reaches ±τ (their weights then equal MADPO's / "
+        "DPO's exactly, so by default their cells reuse those runs)",
+    )
     p.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     p.add_argument(
         "--jobs",
@@ -124,11 +134,13 @@ class Cell:
 
 
 def run_cell(pipe: Pipeline, policy: PolicyConfig, **extra: Any) -> Cell:
+    """Train (or find cached) and evaluate one policy. With extra `identical_to`, `policy` is that method's run and
+    the cell is reported as `as_method` (see SAME_BELOW_TAU)."""
     policy_stage = pipe.policy(policy)
     evaluation = pipe.evaluate_model(policy_stage)
     r, kl = evaluation.stats["reward"], evaluation.stats["kl"]
     return Cell(
-        method=policy.method,
+        method=extra.get("as_method", policy.method),
         tier=policy.tier,
         seed=policy.seed,
         mean=r["mean"],
@@ -305,6 +317,19 @@ def main_table(
                 else:
                     cells_txt.append("–")
             lines.append(f"| {m} | " + " | ".join(cells_txt) + " |")
+        same = {(c.method, c.tier): c.extra for c in cells if "identical_to" in c.extra}
+        for (m, t), extra in sorted(same.items()):
+            exact = next((c.margins for c in cells if c.method == "madpo" and c.tier == t and c.margins), None)
+            check = ""
+            if exact is not None:  # the run's own margins (trainer precision): none may reach ±τ
+                beyond = exact["frac_damped_above_tau"] + exact["frac_capped_below_minus_tau"]
+                check = f"; the MADPO run's own margins: {beyond:.0%} at or beyond ±τ"
+            lines.append(
+                f"- {m} on {t} is the {extra['identical_to']} run of the same seed, not trained again: every training "
+                f"margin lies inside ±τ (max |m| = {extra['max_abs_margin']:.2f} < τ = {cfg.policy.tau:.2f}){check}, "
+                f"where its weight equals {extra['identical_to']}'s exactly (method.md §2.7). `--train-identical` "
+                "trains it anyway."
+            )
     lines += ["", "## Configuration", "", "```json", json.dumps(cfg.to_dict(), indent=1), "```", ""]
     lines += [
         "## Cells",
@@ -315,7 +340,9 @@ def main_table(
     for c in cells:
         lines.append(
             f"| {c.method} | {c.tier} | {c.seed} | {c.mean:.3f} ± {c.se:.3f} | {c.kl:.2f} ± {c.kl_se:.2f} | "
-            f"{c.policy_seconds:.0f} | {c.eval_seconds:.0f} | `{c.policy_stage}` |"
+            f"{c.policy_seconds:.0f} | {c.eval_seconds:.0f} | `{c.policy_stage}`"
+            + (f" (≡ {c.extra['identical_to']})" if "identical_to" in c.extra else "")
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -395,16 +422,33 @@ def _dump(path: Path, cells: list[Cell], extra: dict) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def plan(opts: argparse.Namespace, cfg: PipelineConfig) -> dict[str, list[tuple[PolicyConfig, dict]]]:
-    """Every cell of this invocation, per report: (policy config, extra labels)."""
+def max_abs_margins(pipe: Pipeline, opts: argparse.Namespace) -> dict[str, float]:
+    """max |m| over each tier's training pairs, for the tiers where amp-only / reg-only are asked for."""
+    if opts.no_table or opts.train_identical or not set(_list(opts.methods)) & set(SAME_BELOW_TAU):
+        return {}
+    return {t: float(np.abs(pipe.train_margins(t)).max()) for t in _list(opts.tiers)}
+
+
+def plan(
+    opts: argparse.Namespace, cfg: PipelineConfig, max_abs_margin: dict[str, float] | None = None
+) -> dict[str, list[tuple[PolicyConfig, dict]]]:
+    """Every cell of this invocation, per report: (policy config, extra labels). An amp-only / reg-only cell on a tier
+    whose margins all stay inside ±(τ − TAU_GAP) is the MADPO / DPO run of the same seed (identical weights)."""
     methods, tiers, seeds = _list(opts.methods), _list(opts.tiers), _list(opts.seeds, int)
+    max_abs_margin = max_abs_margin or {}
 
     def policy(**changes: Any) -> PolicyConfig:
         return dataclasses.replace(cfg.policy, **changes)
 
+    def table_cell(m: str, t: str, s: int) -> tuple[PolicyConfig, dict]:
+        if m in SAME_BELOW_TAU and max_abs_margin.get(t, math.inf) < cfg.policy.tau - TAU_GAP:
+            extra = {"as_method": m, "identical_to": SAME_BELOW_TAU[m], "max_abs_margin": max_abs_margin[t]}
+            return policy(method=SAME_BELOW_TAU[m], tier=t, seed=s), extra
+        return policy(method=m, tier=t, seed=s), {}
+
     cells: dict[str, list[tuple[PolicyConfig, dict]]] = {}
     if not opts.no_table:
-        cells["table"] = [(policy(method=m, tier=t, seed=s), {}) for t in tiers for m in methods for s in seeds]
+        cells["table"] = [table_cell(m, t, s) for t in tiers for m in methods for s in seeds]
     if opts.frontier:
         knob = opts.frontier_knob
         cells["frontier"] = [
@@ -464,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     pipe = Pipeline(cfg)
     sft = pipe.evaluate_sft()  # runs (or finds cached) everything up to the pairs, and the SFT baseline
-    cells_by_report = plan(opts, cfg)
+    cells_by_report = plan(opts, cfg, max_abs_margins(pipe, opts))
     if opts.shard:
         k, n = (int(v) for v in opts.shard.split("/"))
         # one entry per distinct policy (a frontier or robustness cell can repeat a table cell: it is one stage)

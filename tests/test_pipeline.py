@@ -248,16 +248,24 @@ def test_bench_reproduce_smoke(
     reproduce = _reproduce_module(monkeypatch)
     out = copy_of(finished, tmp_path)
     results = tmp_path / "results"
-    args = ["--methods", "madpo,dpo", "--tiers", "high", "--seeds", "0", "--results-dir", str(results)]
+    methods = "madpo,dpo,madpo_amp_only,madpo_reg_only"
+    args = ["--methods", methods, "--tiers", "high", "--seeds", "0", "--results-dir", str(results)]
     args += ["--frontier", "--frontier-grid", "0.1", "--robustness", "--noise-std", "0", "--flip-fraction", "0.5"]
     written = reproduce.main([*args, *ci_args(out)])
     assert set(written) == {"table", "frontier", "robustness"}
     table = (results / "imdb-offline.md").read_text()
     assert "| madpo |" in table and "| dpo |" in table and "2.23" in table  # the paper's number beside ours
     assert "MADPO against the next best baseline" in table and "reward model's margins" in table
-    cells = json.loads((results / "imdb-offline.json").read_text())["cells"]
-    assert {c["method"] for c in cells} == {"madpo", "dpo"}
-    assert next(c for c in cells if c["method"] == "madpo")["cached"]  # the pipeline's own MADPO run
+    cells = {c["method"]: c for c in json.loads((results / "imdb-offline.json").read_text())["cells"]}
+    assert set(cells) == {"madpo", "dpo", "madpo_amp_only", "madpo_reg_only"}
+    assert cells["madpo"]["cached"]  # the pipeline's own MADPO run
+    # no margin of the toy reward model reaches ±τ: amp-only is MADPO's run and reg-only DPO's, said in the table
+    assert cells["madpo_amp_only"]["policy_stage"] == cells["madpo"]["policy_stage"]
+    assert cells["madpo_reg_only"]["policy_stage"] == cells["dpo"]["policy_stage"]
+    assert cells["madpo_reg_only"]["mean"] == cells["dpo"]["mean"]
+    assert cells["madpo_reg_only"]["extra"]["max_abs_margin"] < 6.9 - 0.5
+    assert "madpo_reg_only on high is the dpo run of the same seed" in table and "0% at or beyond ±τ" in table
+    assert not stage_dirs(out, "policy-madpo_reg_only-high-s0")
     assert (results / "reward_kl_frontier.png").stat().st_size > 0
     robust = (results / "robustness.md").read_text()
     assert "| 0 | 50% |" in robust and "| 0 | 0% |" in robust

@@ -1343,6 +1343,27 @@ class Pipeline:
             lambda: stage_reward(self.ctx, self.cfg.reward, tier, self.lengths, self.base_model(), self.pairs()),
         )
 
+    def train_margins(self, tier: str) -> np.ndarray:
+        """The tier's reward-model margins m = r(chosen) − r(rejected) on its training pairs, scored as the policy
+        stage scores them (same data pipeline and scoring cache; float32 outside a Trainer)."""
+        from madpo.data import PreferenceDataModule
+        from madpo.modeling import load_tokenizer
+
+        max_prompt_length, max_length = self.lengths
+        sft_path = self.sft().output("model")
+        train, _, _, _ = _pair_data(self.pairs(), tier, 0, load_tokenizer(sft_path), max_prompt_length)
+        dm = PreferenceDataModule.from_datasets(
+            train,
+            None,
+            tokenizer=sft_path,
+            reward_model=self.reward(tier).output("model"),
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            cache_dir=str(self.ctx.cache_dir),
+        )
+        dm.setup("fit")
+        return np.asarray(dm.train_dataset["rm_margin"], dtype=np.float64)
+
     def policy(self, cfg: PolicyConfig | None = None) -> StageResult:
         cfg = cfg or self.cfg.policy
 
