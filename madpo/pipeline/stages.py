@@ -529,11 +529,11 @@ def stage_tokenizer(ctx: Context, cfg: BaseModelConfig, reviews: StageResult) ->
             if cfg.gguf_file:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file)
+                tokenizer = AutoTokenizer.from_pretrained(cfg.location(), gguf_file=cfg.gguf_file)
                 if tokenizer.pad_token_id is None:
                     tokenizer.pad_token = tokenizer.eos_token
             else:
-                tokenizer = load_tokenizer(cfg.name_or_path)
+                tokenizer = load_tokenizer(cfg.location())
             tokenizer.save_pretrained(str(out))
             texts = list(load_reviews(reviews)["text"][:1000])
         sample = texts[:1000]
@@ -659,13 +659,21 @@ def stage_base_model(ctx: Context, cfg: BaseModelConfig, reviews: StageResult, t
 
     def pretrained(path: Path) -> StageOutput:
         if not cfg.gguf_file:
-            return StageOutput({"model": str(cfg.name_or_path)}, {"pretrained": cfg.name_or_path})
+            return StageOutput({"model": str(cfg.location())}, {"pretrained": cfg.name_or_path})
+        import torch
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file)
-        model.save_pretrained(str(path / "model"))
         from madpo.modeling import load_tokenizer
 
+        gguf = AutoModelForCausalLM.from_pretrained(cfg.location(), gguf_file=cfg.gguf_file, dtype=torch.float32)
+        # transformers refuses to save a GGUF-loaded model ("not serializable"): move its dequantised weights into a
+        # plain model of the same config and save that (identical logits)
+        model_config = gguf.config
+        if hasattr(model_config, "quantization_config"):
+            del model_config.quantization_config
+        model = type(gguf)(model_config)
+        model.load_state_dict(gguf.state_dict())
+        model.save_pretrained(str(path / "model"))
         load_tokenizer(tokenizer.output("tokenizer")).save_pretrained(str(path / "model"))
         n_params = sum(p.numel() for p in model.parameters())
         return StageOutput(
