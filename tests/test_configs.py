@@ -103,7 +103,8 @@ def test_smollm2_gguf_base_model_is_converted_to_a_plain_directory(tmp_path):
     from madpo.pipeline.config import resolve_model_location
 
     config = str(REPO / "configs" / "pipeline" / "smollm2.yaml")
-    run.main(["-c", config, "--output_dir", str(tmp_path), "--stop_after", "base_model", "--trainer.progress_bar=false"])
+    args = ["--output_dir", str(tmp_path), "--stop_after", "base_model", "--trainer.progress_bar=false"]
+    run.main(["-c", config, *args])
     (model_dir,) = [p / "model" for p in tmp_path.glob("base_model-*")]
     plain = AutoModelForCausalLM.from_pretrained(model_dir)
     gguf = AutoModelForCausalLM.from_pretrained(
