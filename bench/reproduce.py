@@ -211,6 +211,7 @@ def main_table(
     cells: list[Cell],
     sft: StageResult,
     rm_accuracy: dict[str, float | None] | None = None,
+    downweighted: dict[str, dict] | None = None,
 ) -> str:
     methods = list(dict.fromkeys(c.method for c in cells))
     tiers = [t for t in TIER_NAMES if any(c.tier == t for c in cells)]
@@ -297,6 +298,22 @@ def main_table(
                 f"{'–' if corr is None else f'{corr:+.3f}'} | {m['sd']:.3f} | "
                 f"{m['frac_downweighted_negative'] + m['frac_capped_below_minus_tau']:.1%} | "
                 f"{m['frac_amplified_0_to_tau']:.1%} | {m['frac_damped_above_tau']:.1%} |"
+            )
+    if downweighted:
+        lines += [
+            "",
+            "What the down-weighting acts on: the training pairs with m < 0 (MADPO's weight there is "
+            "σ(c·m)/σ(m) < 1) against the rest — how often their label agrees with the oracle, how often the chosen "
+            "side is the original human review (medium/low tiers), and their mean weight.",
+            "",
+            "| tier | pairs with m < 0 | label agrees with oracle: m < 0 / m ≥ 0 | chosen is the original review: "
+            "m < 0 / m ≥ 0 | mean w: m < 0 / m ≥ 0 |",
+            "|---|---|---|---|---|",
+        ]
+        for t, d in downweighted.items():
+            lines.append(
+                f"| {t} | {d['frac']:.1%} | {d['label_right_neg']:.2f} / {d['label_right_pos']:.2f} | "
+                f"{d['original_neg']:.2f} / {d['original_pos']:.2f} | {d['w_neg']:.2f} / {d['w_pos']:.2f} |"
             )
     variants = [m for m in methods if m.startswith("madpo_")]
     if variants:
@@ -429,6 +446,35 @@ def max_abs_margins(pipe: Pipeline, opts: argparse.Namespace) -> dict[str, float
     return {t: float(np.abs(pipe.train_margins(t)).max()) for t in _list(opts.tiers)}
 
 
+def downweight_diagnostics(pipe: Pipeline, tier: str, policy: PolicyConfig) -> dict:
+    """Label quality and composition of the pairs MADPO down-weights (m < 0) vs the rest, on the tier's training
+    pairs, with the weights the run's loss gives them."""
+    import torch
+
+    from madpo.losses import madpo_weights
+    from madpo.pipeline.stages import load_pairs
+
+    m = pipe.train_margins(tier)
+    rows = load_pairs(pipe.pairs(), tier, "train")
+    w = madpo_weights(torch.tensor(m), c_max=policy.c_max, c_min=policy.c_min, lam=policy.lam, tau=policy.tau).numpy()
+    neg = m < 0
+    right = np.array([r["oracle_chosen"] > r["oracle_rejected"] for r in rows])
+    original = np.array([r["chosen_source"] == "original" for r in rows])
+
+    def mean(x: np.ndarray, mask: np.ndarray) -> float:
+        return float(x[mask].mean()) if mask.any() else float("nan")
+
+    return {
+        "frac": float(neg.mean()),
+        "label_right_neg": mean(right, neg),
+        "label_right_pos": mean(right, ~neg),
+        "original_neg": mean(original, neg),
+        "original_pos": mean(original, ~neg),
+        "w_neg": mean(w, neg),
+        "w_pos": mean(w, ~neg),
+    }
+
+
 def plan(
     opts: argparse.Namespace, cfg: PipelineConfig, max_abs_margin: dict[str, float] | None = None
 ) -> dict[str, list[tuple[PolicyConfig, dict]]]:
@@ -538,9 +584,14 @@ def main(argv: list[str] | None = None) -> dict:
                 tier: pipe.reward(tier).stats["metrics"].get("val/accuracy")
                 for tier in {c.tier for c in cells if METHODS[c.method][0] == "madpo"}
             }
-            md = main_table(cfg, argv, wall, cells, sft, rm_acc)  # rewritten after every cell: partial sweeps read
+            if i == len(grid):  # the last cell: add what the down-weighting acts on (scores the margins once more)
+                down = {t: downweight_diagnostics(pipe, t, cfg.policy) for t in tiers if t in rm_acc}
+            else:
+                down = None
+            md = main_table(cfg, argv, wall, cells, sft, rm_acc, down)  # rewritten after every cell: partials read
             (out_dir / "imdb-offline.md").write_text(md)
-            _dump(out_dir / "imdb-offline.json", cells, {"sft": sft.stats["reward"], "argv": argv})
+            extra = {"sft": sft.stats["reward"], "argv": argv, "downweighted": down}
+            _dump(out_dir / "imdb-offline.json", cells, extra)
         written["table"] = str(out_dir / "imdb-offline.md")
     if "frontier" in cells_by_report:
         knob = opts.frontier_knob

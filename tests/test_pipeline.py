@@ -265,6 +265,10 @@ def test_bench_reproduce_smoke(
     assert cells["madpo_reg_only"]["mean"] == cells["dpo"]["mean"]
     assert cells["madpo_reg_only"]["extra"]["max_abs_margin"] < 6.9 - 0.5
     assert "madpo_reg_only on high is the dpo run of the same seed" in table and "0% at or beyond ±τ" in table
+    down = json.loads((results / "imdb-offline.json").read_text())["downweighted"]["high"]
+    assert 0 <= down["frac"] <= 1 and down["original_pos"] == 0.0  # the high tier never holds the original review
+    assert 0 <= down["label_right_pos"] <= 1 and down["w_pos"] >= 1.0  # w ≥ 1 wherever m ≥ 0 (and |m| < τ)
+    assert "What the down-weighting acts on" in table
     assert not stage_dirs(out, "policy-madpo_reg_only-high-s0")
     assert (results / "reward_kl_frontier.png").stat().st_size > 0
     robust = (results / "robustness.md").read_text()
