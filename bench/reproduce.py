@@ -335,7 +335,9 @@ def main_table(
                     cells_txt.append("–")
             lines.append(f"| {m} | " + " | ".join(cells_txt) + " |")
         same = {(c.method, c.tier): c.extra for c in cells if "identical_to" in c.extra}
-        for (m, t), extra in sorted(same.items()):
+        if same:
+            lines.append("")
+        for (m, t), extra in sorted(same.items(), key=lambda kv: (kv[0][0], TIER_NAMES.index(kv[0][1]))):
             exact = next((c.margins for c in cells if c.method == "madpo" and c.tier == t and c.margins), None)
             check = ""
             if exact is not None:  # the run's own margins (trainer precision): none may reach ±τ
@@ -372,17 +374,33 @@ def frontier_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    summary: list[str] = []
     for method, color in (("dpo", "tab:blue"), ("madpo", "tab:red")):
-        pts = sorted(((c.kl, c.mean, c.se, c.extra[knob]) for c in cells if c.method == method), key=lambda p: p[0])
-        if not pts:
+        mine = [c for c in cells if c.method == method]
+        if not mine:
             continue
-        kl, mean, se, val = zip(*pts, strict=True)
-        ax.errorbar(kl, mean, yerr=[1.96 * s for s in se], marker="o", color=color, label=method, capsize=3)
-        for x, y, v in zip(kl, mean, val, strict=True):
-            ax.annotate(f"{knob}={v:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.scatter([c.kl for c in mine], [c.mean for c in mine], color=color, alpha=0.3, s=14)  # each seed
+        points = []
+        for v in sorted({c.extra[knob] for c in mine}):
+            points.append((v, aggregate([c for c in mine if c.extra[knob] == v])))  # mean over seeds per knob value
+        points.sort(key=lambda p: p[1]["kl"])
+        kl, mean = [a["kl"] for _, a in points], [a["mean"] for _, a in points]
+        ax.errorbar(
+            kl,
+            mean,
+            xerr=[1.96 * a["kl_se"] for _, a in points],
+            yerr=[1.96 * a["se"] for _, a in points],
+            marker="o",
+            color=color,
+            label=f"{method} (mean over seeds, 95 % CI)",
+            capsize=3,
+        )
+        for (v, a), x, y in zip(points, kl, mean, strict=True):
+            ax.annotate(f"{knob}={v:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8, color=color)
+            summary.append(f"| {v:g} | {method} | {a['mean']:.3f} ± {a['se']:.3f} | {a['kl']:.2f} ± {a['kl_se']:.2f} |")
     ax.set_xlabel("KL(π‖π_SFT), nats per continuation")
-    ax.set_ylabel("mean oracle reward (95 % CI)")
+    ax.set_ylabel("mean oracle reward")
     ax.set_title(f"Reward–KL frontier, tier {cells[0].tier if cells else '?'}, grid over {knob}")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -393,6 +411,14 @@ def frontier_report(
     lines = header(f"Reward–KL frontier: DPO vs MADPO over {knob}", cfg, argv, wall, cells)
     lines += [
         f"![frontier]({png.name})",
+        "",
+        "Mean over seeds (SE over seeds):",
+        "",
+        f"| {knob} | method | reward ± SE | KL ± SE |",
+        "|---|---|---|---|",
+        *summary,
+        "",
+        "Every run:",
         "",
         f"| {knob} | method | seed | reward ± SE | KL ± SE |",
         "|---|---|---|---|---|",
