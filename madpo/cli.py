@@ -1,16 +1,23 @@
-"""The command line: `python cli.py fit|validate|test --config ...` (LightningCLI) and `python cli.py pipeline ...`.
+"""The command line: `python cli.py fit|validate|test|predict -c ...` (LightningCLI), `python cli.py pipeline ...`.
 
 The model is picked by `class_path` in the YAML (`madpo.RewardLightningModule` or `madpo.PolicyLightningModule`); the
 data always goes through `PreferenceDataModule`. A ModelCheckpoint (last + best on val/loss), the TensorBoard logger
-and a process-group teardown are on by default.
+and a process-group teardown are on by default; `predict` writes its samples with `madpo.predict.PredictionWriter`
+(`--predictions.path`).
+
+Errors: a user error (bad data, config or path; see `madpo.errors`) prints one `madpo: error: <message>` line on
+stderr and exits with status 2, as a bad argument does; a bug shows its traceback (exit 1). `MADPO_DEBUG=1` or
+`--debug` (anywhere on the command line) shows the traceback of user errors too.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import sys
+import warnings
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -20,6 +27,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from madpo.callbacks import DestroyProcessGroup, PairThroughput
 from madpo.data import PreferenceDataModule
+from madpo.errors import DEBUG_ENV, report_user_error
+from madpo.predict import PredictionWriter
 
 
 class MadpoCLI(LightningCLI):
@@ -35,6 +44,8 @@ class MadpoCLI(LightningCLI):
         )
         parser.add_lightning_class_args(DestroyProcessGroup, "process_group")
         parser.add_lightning_class_args(PairThroughput, "throughput")
+        # `predict` writes its rows here (a callback: it gathers every rank's share and writes once, on rank 0)
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         # the DataModule tokenizes with the model's own tokenizer
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
 
@@ -80,16 +91,52 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MadpoCLI:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "pipeline":
+class _DropLightningTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def _quiet_known_noise() -> None:
+    """Drop what every run printed that no user can act on; genuine warnings stay."""
+    # Lightning 2.6 calls a torch pytree API that torch deprecated: Lightning's to fix, printed on every fit
+    warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # an advertisement for Lightning's cloud logger, on every Trainer
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningTip) for f in logger.filters):
+        logger.addFilter(_DropLightningTip())
+
+
+def _run(argv: list[str] | None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "pipeline":
         from madpo.pipeline.run import main as pipeline_main
 
-        pipeline_main(argv[1:])
+        pipeline_main(args[1:])
         return
-    if argv and argv[0] == "export":
+    if args and args[0] == "export":
         from madpo.export import main as export_main
 
-        export_main(argv[1:])
+        export_main(args[1:])
         return
+    _quiet_known_noise()
+    # from the command line (argv None) LightningCLI reads sys.argv itself: passing it again as `args` warns
     cli_main(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python cli.py ...`: run a subcommand; a user error ends it with one line on stderr and exit status 2."""
+    # --debug is no parser's option: taken out here (of sys.argv too, which LightningCLI and DDP launchers re-read);
+    # the environment variable carries it to DDP child processes
+    if "--debug" in (sys.argv if argv is None else argv):
+        if argv is None:
+            sys.argv = [a for a in sys.argv if a != "--debug"]
+        else:
+            argv = [a for a in argv if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        _run(argv)
+    except Exception as e:  # noqa: BLE001 - user errors end here, everything else propagates with its traceback
+        status = report_user_error(e)
+        if status is None:
+            raise
+        sys.exit(status)

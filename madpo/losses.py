@@ -270,6 +270,18 @@ class BetaDPOOutput:
     kept_fraction: Tensor  # 0-dim, N_kept / N_global
 
 
+@dataclass
+class BetaDPOSelection:
+    """What ``BetaDPO.select`` decides for one training step (CPU, float64, detached)."""
+
+    mask: Tensor  # (B,) bool, this rank's slice of the global kept-pair mask
+    beta: Tensor  # 0-dim beta_batch
+    gap_mean: Tensor  # 0-dim EMA mu used
+    gap_std: Tensor  # 0-dim EMA s used
+    n: int  # pairs in the global batch
+    n_kept: int  # pairs kept
+
+
 class BetaDPO(torch.nn.Module):
     """beta-DPO: a batch-level beta and a Gaussian filter on the implicit margin, with EMA state in buffers.
 
@@ -286,8 +298,11 @@ class BetaDPO(torch.nn.Module):
       the same gathered A and the same generator, so all ranks draw the same mask, and a resumed run redraws it.
     - In eval mode nothing is updated: the EMAs are only read and ``step`` is not advanced.
     - Uniform mask while s <= eps: the EMAs start at 0, so step 1 has s = (1 - momentum) std(A); when policy ==
-      reference at init (LoRA B = 0, dropout off) A == 0 and s = 0, and the filter would be 0/0. Filtering on a
-      degenerate spread carries no information, so every pair is then equally likely to be kept.
+      reference at init (LoRA B = 0, dropout off) A == 0 up to rounding and s ~ 0, and the filter would be 0/0 or a
+      draw on rounding noise. Filtering on a degenerate spread carries no information, so every pair is then equally
+      likely to be kept. The default eps lies above float32's resolution of a difference of summed log-probs (its
+      unit in the last place is ~1e-5 at |log pi| ~ 100), so whether the filter acts never depends on how one
+      machine, batch layout or kernel rounded.
     """
 
     gap_mean: Tensor
@@ -301,7 +316,7 @@ class BetaDPO(torch.nn.Module):
         rho: float = 0.2,
         momentum: float = 0.9,
         min_beta: float = 1e-3,
-        eps: float = 1e-6,
+        eps: float = 1e-4,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -351,11 +366,37 @@ class BetaDPO(torch.nn.Module):
         -log sigma(beta_batch h_i) over the globally kept pairs (the official "mean over kept pairs").
         """
         h = implicit_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-        b = h.shape[0]
+        selection = self.select(h.detach(), all_gather=all_gather, rank=rank, order_key=order_key)
         dtype = _weight_dtype(h)
+        # 5. per-pair losses on this rank's slice, scaled so that the DDP-averaged mean is the mean over kept pairs
+        mask = selection.mask.to(h.device)
+        beta_t = selection.beta.to(device=h.device, dtype=dtype)
+        per_pair = -F.logsigmoid(beta_t * h.to(dtype))
+        losses = torch.where(mask, per_pair * (selection.n / selection.n_kept), torch.zeros_like(per_pair))
+        return BetaDPOOutput(
+            losses=losses,
+            mask=mask,
+            beta=beta_t,
+            gap_mean=selection.gap_mean.to(device=h.device, dtype=dtype),
+            gap_std=selection.gap_std.to(device=h.device, dtype=dtype),
+            kept_fraction=torch.tensor(selection.n_kept / selection.n, device=h.device, dtype=dtype),
+        )
+
+    def select(
+        self,
+        gaps: Tensor,
+        *,
+        all_gather: Callable[[Tensor], Tensor] | None = None,
+        rank: int = 0,
+        order_key: Tensor | None = None,
+    ) -> BetaDPOSelection:
+        """Steps 1-4 on this rank's detached gaps (B,): the EMA update (training only), the kept-pair mask and
+        beta_batch. `forward` calls it on its batch; with gradient accumulation the policy module calls it once per
+        optimiser step on the gaps of the whole step, as the method defines it."""
+        b = gaps.shape[0]
 
         # 1. gap A: detached, not beta-scaled, gathered over ranks; statistics on CPU in float64 (rank-identical)
-        a_local = h.detach()
+        a_local = gaps.detach()
         a_global = a_local if all_gather is None else all_gather(a_local)
         if a_global.dim() != 1 or b == 0 or a_global.shape[0] % b != 0:
             raise ValueError(f"all_gather must return [world * B] with B={b}, got {list(a_global.shape)}")
@@ -365,7 +406,7 @@ class BetaDPO(torch.nn.Module):
         a = a_global.to(device="cpu", dtype=torch.float64)
         order = torch.arange(n)
         if order_key is not None:
-            _check_pairs(h=h, order_key=order_key)
+            _check_pairs(h=gaps, order_key=order_key)
             keys = order_key if all_gather is None else all_gather(order_key)
             order = torch.argsort(keys.cpu(), stable=True)
         a = a[order]  # canonical order; position j holds global pair order[j]
@@ -400,16 +441,204 @@ class BetaDPO(torch.nn.Module):
         beta_batch = self.beta0 * (1 + self.alpha * (a[kept_sorted].mean() - mu))
         beta_batch = beta_batch.clamp(min=self.min_beta)
 
-        # 5. per-pair losses on this rank's slice, scaled so that the DDP-averaged mean is the mean over kept pairs
-        mask = mask_global[rank * b : (rank + 1) * b].to(h.device)
-        beta_t = beta_batch.to(device=h.device, dtype=dtype)
-        per_pair = -F.logsigmoid(beta_t * h.to(dtype))
-        losses = torch.where(mask, per_pair * (n / n_kept), torch.zeros_like(per_pair))
-        return BetaDPOOutput(
-            losses=losses,
-            mask=mask,
-            beta=beta_t,
-            gap_mean=mu.to(device=h.device, dtype=dtype),
-            gap_std=s.to(device=h.device, dtype=dtype),
-            kept_fraction=torch.tensor(n_kept / n, device=h.device, dtype=dtype),
+        mask = mask_global[rank * b : (rank + 1) * b]
+        return BetaDPOSelection(mask=mask, beta=beta_batch, gap_mean=mu, gap_std=s, n=n, n_kept=n_kept)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# more per-pair baselines: conservative and robust DPO, ODPO, margin-target regression, the SLiC hinge,
+# the RPO NLL term and a generic per-pair weight column
+
+OdpoOffset = Literal["linear", "log"]
+ODPO_OFFSETS: tuple[str, ...] = ("linear", "log")
+
+
+def _check_nonnegative_finite(**values: float) -> None:
+    for name, value in values.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {name}={value!r}")
+
+
+def cdpo_losses(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float,
+) -> Tensor:
+    """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO"), shape (B,):
+
+        l_i = -(1 - eps) log sigma(beta h_i) - eps log sigma(-beta h_i),    eps = label_smoothing in [0, 0.5]
+
+    DPO's cross-entropy against a label that is right with probability 1 - eps. eps = 0 is ``dpo_losses`` exactly;
+    for 0 < eps < 0.5 the minimiser is the finite target beta h* = log((1 - eps) / eps) (like IPO, it stops pushing
+    margins to infinity); eps = 0.5 pulls every h to 0 (the labels are ignored). Both terms are written with
+    logsigmoid (exact at any |beta h|), in the input dtype like ``dpo_losses``.
+    """
+    _check_positive(beta=beta)
+    if not 0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got label_smoothing={label_smoothing!r}")
+    h = implicit_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    x = beta * h
+    return -(1.0 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+
+
+def rdpo_losses(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float,
+) -> Tensor:
+    """Robust DPO (Chowdhury, Kini & Natarajan 2024, "Provably Robust DPO"), shape (B,):
+
+        l_i = [(1 - eps) (-log sigma(beta h_i)) - eps (-log sigma(-beta h_i))] / (1 - 2 eps),    eps in [0, 0.5)
+
+    eps = label_smoothing is the rate at which preference labels are flipped. The loss is an unbiased estimate of
+    DPO's loss on the true labels: (1 - eps) l(h) + eps l(-h) = -log sigma(beta h). eps = 0 is ``dpo_losses`` exactly;
+    eps = 0.5 divides by zero (labels flipped at rate 1/2 carry no information) and raises. Unlike DPO and cDPO the
+    per-pair loss is not bounded below: for beta h -> +inf it tends to -eps beta h / (1 - 2 eps), so per-pair values
+    can be negative. Computed with logsigmoid in the input dtype, like ``dpo_losses``.
+    """
+    _check_positive(beta=beta)
+    if label_smoothing == 0.5:
+        raise ValueError(
+            "label_smoothing=0.5 makes rDPO divide by zero (1 - 2 * label_smoothing = 0): labels flipped at rate 0.5 "
+            "carry no information about the preference; use label_smoothing in [0, 0.5)"
         )
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got label_smoothing={label_smoothing!r}")
+    h = implicit_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    x = beta * h
+    eps = label_smoothing
+    return ((1.0 - eps) * -F.logsigmoid(x) - eps * -F.logsigmoid(-x)) / (1.0 - 2.0 * eps)
+
+
+def odpo_losses(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    margins: Tensor,
+    *,
+    beta: float = 0.1,
+    alpha: float,
+    offset: OdpoOffset = "linear",
+) -> Tensor:
+    """ODPO (Amini, Vieira & Cotterell 2024, "Direct Preference Optimization with an Offset"), shape (B,):
+
+        l_i = -log sigma(beta h_i - Delta_i),    Delta_i = alpha m_i        (offset="linear", the default)
+                                                 Delta_i = alpha log(m_i)   (offset="log", the paper's form)
+
+    The chosen completion must beat the rejected one by at least the offset Delta_i. With "linear", m is a
+    Bradley-Terry logit margin and may have any sign; "log" is the paper's offset on positive score differences and
+    requires every m_i > 0 (else ValueError; this check reads the margins back to the host). alpha = 0 is
+    ``dpo_losses``. The margins are detached and, as in ``madpo_weights``, taken in float32 (float64 for float64
+    margins), so the losses are at least float32.
+    """
+    if offset not in ODPO_OFFSETS:
+        raise ValueError(f"offset must be one of {ODPO_OFFSETS}, got offset={offset!r}")
+    _check_positive(beta=beta)
+    _check_nonnegative_finite(alpha=alpha)
+    h = implicit_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    _check_pairs(policy_chosen_logps=policy_chosen_logps, margins=margins)
+    m = margins.detach().to(_weight_dtype(margins))
+    if offset == "log":
+        n_bad = int((~(m > 0)).sum())
+        if n_bad:
+            raise ValueError(
+                f"offset='log' takes log(margins), so every margin must be > 0: {n_bad} of {m.numel()} margins are "
+                "<= 0 (or NaN); use offset='linear' for signed Bradley-Terry margins"
+            )
+        delta = alpha * torch.log(m)
+    else:
+        delta = alpha * m
+    return -F.logsigmoid(beta * h - delta)
+
+
+def margin_target_losses(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    margins: Tensor,
+    *,
+    beta: float = 0.1,
+    eta: float,
+) -> Tensor:
+    """Margin-target regression, shape (B,): l_i = (beta h_i - eta m_i)^2.
+
+    The squared-distance form of reward-aware preference optimisation (NVIDIA 2024, "Nemotron-4 340B Technical
+    Report"): the implicit reward margin beta h regresses on the scaled reward-model margin eta m. eta = 0 is
+    (beta h)^2; a constant m = 1 with eta = 1/2 is beta^2 times ``ipo_losses``. The margins are detached and taken in
+    float32 (float64 for float64 margins), as in ``madpo_weights``, so the losses are at least float32.
+    """
+    _check_positive(beta=beta)
+    _check_nonnegative_finite(eta=eta)
+    h = implicit_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    _check_pairs(policy_chosen_logps=policy_chosen_logps, margins=margins)
+    m = margins.detach().to(_weight_dtype(margins))
+    return (beta * h - eta * m) ** 2
+
+
+def hinge_losses(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+) -> Tensor:
+    """SLiC hinge (Zhao et al. 2023, "SLiC-HF"), with the reference-normalised margin, shape (B,):
+
+        l_i = max(0, 1 - beta h_i)
+
+    (the form used by RSO, Liu et al. 2024, and TRL's ``loss_type="hinge"``). The gradient w.r.t. h is -beta for
+    beta h < 1 and 0 for beta h > 1 (0 at the kink, ReLU's subgradient). Computed in the input dtype.
+    """
+    _check_positive(beta=beta)
+    h = implicit_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return F.relu(1.0 - beta * h)
+
+
+def chosen_nll(chosen_logps: Tensor, chosen_token_counts: Tensor) -> Tensor:
+    """The RPO term (Pang et al. 2024, "Iterative Reasoning Preference Optimization"), shape (B,):
+
+        nll_i = -log pi(y_w|x)_i / n_i,    n_i = tokens of the chosen completion (>= 1)
+
+    ``chosen_logps`` are the policy's summed log-probs of the chosen completion and ``chosen_token_counts`` the tokens
+    they were summed over. The RPO objective adds it to a preference loss pair by pair, then reduces with the mean:
+        losses = dpo_losses(pc, pr, rc, rr, beta=beta) + alpha * chosen_nll(pc, n_c)     (any per-pair loss above)
+    The counts are detached; the result is computed in float32 (float64 for float64 log-probs), so a bf16 log-prob
+    is not divided by a count rounded to bf16.
+    """
+    _check_pairs(chosen_logps=chosen_logps, chosen_token_counts=chosen_token_counts)
+    dtype = _weight_dtype(chosen_logps)
+    n = chosen_token_counts.detach().to(dtype)
+    n_bad = int((~(torch.isfinite(n) & (n >= 1))).sum())
+    if n_bad:
+        raise ValueError(
+            f"chosen_token_counts must be finite and >= 1: {n_bad} of {n.numel()} entries are < 1, NaN or inf"
+        )
+    return -chosen_logps.to(dtype) / n
+
+
+def weighted(losses: Tensor, weights: Tensor) -> Tensor:
+    """l_i * w_i, shape (B,): a per-pair weight column (finite, >= 0) multiplying each pair's loss, as MADPO's w does.
+
+    The weights are detached (data, like MADPO's w: no gradient flows into them) and taken in float32 (float64 for
+    float64 weights), as in ``madpo_weights``. The batch loss stays the plain mean (not divided by sum(w)).
+    """
+    _check_pairs(losses=losses, weights=weights)
+    w = weights.detach().to(_weight_dtype(weights))
+    n_nonfinite = int((~torch.isfinite(w)).sum())
+    if n_nonfinite:
+        raise ValueError(f"weights must be finite: {n_nonfinite} of {w.numel()} entries are NaN or inf")
+    n_negative = int((w < 0).sum())
+    if n_negative:
+        raise ValueError(f"weights must be >= 0: {n_negative} of {w.numel()} entries are negative")
+    return losses * w

@@ -11,7 +11,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from madpo.errors import UserError
+from madpo.logits import fast_path_agrees, head_logits
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
@@ -38,8 +42,17 @@ def resolve_dtype(dtype: str | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def check_model_path(name_or_path: str | os.PathLike) -> None:
+    """Refuse a path that looks local but does not exist, before transformers calls it an invalid hub repo id."""
+    name = os.fspath(name_or_path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # a hub id is `name` or `org/name`
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise UserError(f"model path {name!r} does not exist (expected a local model directory or a hub id)")
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a hub id or local directory, with a pad token (EOS if it has none, as TRL does)."""
+    check_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
@@ -167,13 +180,9 @@ def _token_logps(inner: nn.Module, head: nn.Module, hidden: torch.Tensor, target
 
     With autograd: the LM head on all N positions, then `_SelectiveLogSoftmax`. Without (reference scoring): the same
     maths in chunks of positions, so scoring holds at most ~32 MiB of logits however large the batch or vocabulary.
+    The architecture's own head maths (logit scaling, soft-capping: `madpo.logits.head_logits`) apply in both.
     """
-    softcap = getattr(inner.config, "final_logit_softcapping", None)
-
-    def logits_of(h: torch.Tensor) -> torch.Tensor:
-        logits = head(h)
-        return torch.tanh(logits / softcap) * softcap if softcap else logits
-
+    logits_of = head_logits(inner, head)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     if needs_grad:
         return _SelectiveLogSoftmax.apply(logits_of(hidden), targets)
@@ -186,6 +195,25 @@ def _token_logps(inner: nn.Module, head: nn.Module, hidden: torch.Tensor, target
         lse = (x - row_max).exp_().sum(-1, keepdim=True).log_() + row_max
         out[start : start + step] = (x.gather(1, targets[start : start + step, None]) - lse).squeeze(1)
     return out
+
+
+def _fast_token_logps(
+    inner: nn.Module,
+    decoder: nn.Module,
+    head: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+) -> torch.Tensor:
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return _token_logps(inner, head, hidden[:, :-1][target_mask], input_ids[:, 1:][target_mask])
+
+
+def _full_token_logps(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor
+) -> torch.Tensor:
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][target_mask]
+    return -F.cross_entropy(logits.float(), input_ids[:, 1:][target_mask], reduction="none")
 
 
 def sequence_logps(
@@ -203,20 +231,21 @@ def sequence_logps(
     The fast path runs the decoder once and applies the LM head only at positions that predict a completion token,
     so prompt and padding logits are never materialised, and reads the token log-probs with a memory-light selective
     log-softmax (`_SelectiveLogSoftmax`; chunked when no gradient is needed); `fast=False` is the plain full-logits
-    `cross_entropy` computation it is tested against. Returns `(logps (R,) float32, n_tokens (R,) long)`.
+    `cross_entropy` computation it is tested against. Before its first use on a model, the fast path is checked
+    against that model's own forward on a few tokens (`madpo.logits.fast_path_agrees`); a model whose head maths it
+    does not reproduce gets the full-logits path, with a warning. Returns `(logps (R,) float32, n_tokens (R,) long)`.
     """
     target_mask = completion_mask[:, 1:].bool()  # position t-1 predicts token t
-    targets = input_ids[:, 1:][target_mask]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
     inner = _unwrap(model)
     decoder = inner.get_decoder() if fast and hasattr(inner, "get_decoder") else None
     head = inner.get_output_embeddings()
+    token_logps_of = partial(_full_token_logps, model)
     if decoder is not None and decoder is not inner and head is not None:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        token_logps = _token_logps(inner, head, hidden[:, :-1][target_mask], targets)
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][target_mask]
-        token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+        fast_of = partial(_fast_token_logps, inner, decoder, head)
+        if fast_path_agrees(model, inner, fast_of, token_logps_of, input_ids, attention_mask):
+            token_logps_of = fast_of
+    token_logps = token_logps_of(input_ids, attention_mask, target_mask)
     logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     logps = logps.index_add(0, rows, token_logps)
     return logps, target_mask.sum(1)
@@ -251,10 +280,18 @@ def pair_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def state_fingerprint(model: nn.Module) -> str:
-    """Hash of every parameter and buffer (names, shapes, dtypes, values): a cache key for a model's outputs."""
+def is_adapter_tensor(name: str) -> bool:
+    """Whether a state-dict entry belongs to a peft LoRA adapter (not to the base model)."""
+    return ".lora_" in name or "lora_magnitude_vector" in name
+
+
+def state_fingerprint(model: nn.Module, *, skip: Callable[[str], bool] | None = None) -> str:
+    """Hash of every parameter and buffer (names, shapes, dtypes, values) except those `skip` names: a cache key
+    for a model's outputs."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
+        if skip is not None and skip(name):
+            continue
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

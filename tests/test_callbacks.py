@@ -4,6 +4,7 @@ KeepBestWeights."""
 from __future__ import annotations
 
 import glob
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -14,7 +15,7 @@ from madpo.cli import cli_main
 from madpo.modeling import init_reward_model, load_tokenizer
 from madpo.modules import PolicyLightningModule
 from tests.conftest import TINY_LLAMA
-from tests.helpers import tiny_args
+from tests.helpers import scalars, tiny_args
 
 
 def _events(log_dir):
@@ -138,11 +139,12 @@ def test_keep_best_weights_names_a_missing_metric() -> None:
         KeepBestWeights(mode="lowest")
 
 
-def test_cli_fit_with_keep_best_weights_exports_the_best_checkpoints_weights(tmp_path, capsys) -> None:
-    """`--trainer.callbacks+=madpo.callbacks.KeepBestWeights`: hf_model/ holds the weights of the validation with the
-    lowest val/loss, the same step as the ModelCheckpoint's best checkpoint (not the last step)."""
-    from safetensors.torch import load_file
+def _fit_reward_with_keep_best_weights(tmp_path) -> Path:  # noqa: ANN001
+    """A 6-step reward run validating every 2 steps, every validation checkpointed, with KeepBestWeights.
 
+    The learning rate warms up linearly over the whole run to 0.05 (AdamW moves every weight by about the learning
+    rate per step), so the last steps are the largest and overshoot: the last validation is worse than an earlier one
+    by far more than any CPU's rounding (val/loss ~0.69, 0.69, 0.86 here), whichever earlier one is the best."""
     cli_main(
         tiny_args(
             "reward.yaml",
@@ -151,17 +153,53 @@ def test_cli_fit_with_keep_best_weights_exports_the_best_checkpoints_weights(tmp
             "--trainer.limit_train_batches=6",
             "--trainer.val_check_interval=2",
             "--trainer.callbacks+=madpo.callbacks.KeepBestWeights",
-            "--model.optimizer.lr=0.3",  # steps this large overshoot: the best validation (step 4) is not the last
+            "--checkpoint.save_top_k=-1",
+            "--model.optimizer.lr=0.05",
+            "--model.optimizer.warmup_ratio=1.0",
         )
     )
-    version = tmp_path / "runs" / "run" / "version_0"
-    best_ckpt = next(p for p in (version / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
-    best_state = torch.load(best_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return tmp_path / "runs" / "run" / "version_0"
+
+
+def _validations_and_export(version: Path) -> tuple[dict[int, float], list[int]]:
+    """Every validation's global step -> the val/loss its checkpoint recorded (ModelCheckpoint's current_score), and
+    the steps whose checkpointed weights are exactly those exported to hf_model/."""
+    from safetensors.torch import load_file
+
     exported = load_file(next((version / "hf_model").glob("*.safetensors")))
-    head = next(k for k in best_state if k.endswith("score.weight"))
-    exported_head = next(v for k, v in exported.items() if k.endswith("score.weight"))
-    assert torch.equal(exported_head, best_state[head])
-    # training went on to step 6 (two more steps at lr 0.3), yet the export holds step 4's weights
+    scores, matches = {}, []
+    for path in (version / "checkpoints").glob("epoch=*-step=*.ckpt"):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint")]
+        step, weights = checkpoint["global_step"], checkpoint["state_dict"]
+        scores[step] = float(state["current_score"])
+        # hf_model/ is the module's `model` as a transformers directory: the state-dict keys without "model."
+        assert {f"model.{k}" for k in exported} == {k for k in weights if k.startswith("model.")}
+        if all(torch.equal(v, weights[f"model.{k}"]) for k, v in exported.items()):
+            matches.append(step)
+    return scores, sorted(matches)
+
+
+@pytest.mark.parametrize("keep_best", ["real", "broken_exports_last"])
+def test_cli_fit_with_keep_best_weights_exports_the_best_checkpoints_weights(
+    keep_best, tmp_path, capsys, monkeypatch
+) -> None:
+    """`--trainer.callbacks+=madpo.callbacks.KeepBestWeights`: hf_model/ holds exactly the weights of the checkpoint
+    with the lowest val/loss (found from the run's own checkpoints and logs, not hard-coded), not the last step's.
+    The `broken` case checks that this check catches a KeepBestWeights that leaves the last weights in place."""
+    if keep_best != "real":
+        monkeypatch.setattr(KeepBestWeights, "on_fit_end", lambda self, trainer, pl_module: None)
+    version = _fit_reward_with_keep_best_weights(tmp_path)
+    scores, exported_steps = _validations_and_export(version)
+    print(keep_best, "val/loss by step:", scores, "export = weights of step(s)", exported_steps)
+    logged = [value for _, value in sorted(scalars(version)["val/loss"])]
+    assert logged == pytest.approx([scores[s] for s in sorted(scores)], rel=1e-6)  # the checkpoints are the validations
+    best, last = min(scores, key=scores.get), max(scores)
+    assert sorted(scores) == [2, 4, 6] and best != last and scores[last] > scores[best] + 0.01, scores
+    if keep_best != "real":
+        assert exported_steps == [last], (exported_steps, scores)  # so the assertion below would fail
+        return
+    assert exported_steps == [best], (exported_steps, scores)  # the best checkpoint's weights, no other validation's
     out = capsys.readouterr().out
-    assert "restored the best weights: step 4," in out and "(fit ended at step 6)" in out
-    assert best_ckpt.name == "epoch=0-step=4.ckpt"
+    assert f"restored the best weights: step {best}, val/loss = {scores[best]:.4f}" in out
+    assert f"(fit ended at step {last})" in out

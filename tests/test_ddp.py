@@ -65,3 +65,30 @@ def test_ddp_uneven_final_batch_equals_one_process(tmp_path):
     single, ddp = scalars(tmp_path / "runs" / "single"), scalars(tmp_path / "runs" / "ddp")
     assert [s for s, _ in single["train/loss_step"]] == list(range(6))
     assert [v for _, v in ddp["train/loss_step"]] == pytest.approx([v for _, v in single["train/loss_step"]], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["sft", "beta_dpo"])
+def test_ddp_with_gradient_accumulation_equals_one_large_batch(loss, tmp_path):
+    """2 ranks x 2 micro-batches x 2 pairs per optimiser step = one process with 8 pairs: SFT's token mean and
+    β-DPO's EMA, mask and β span the whole step across ranks and micro-batches."""
+    extra = [*COMMON[:1], "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"]
+    cli_main(tiny_args(f"{loss}.yaml", tmp_path, *extra, "--trainer.limit_train_batches=3", "--data.batch_size=8",
+                       name="single"))
+    ddp_args = tiny_args(
+        f"{loss}.yaml",
+        tmp_path,
+        *extra,
+        "--trainer.limit_train_batches=6",
+        "--trainer.accumulate_grad_batches=2",
+        "--data.batch_size=2",
+        name="ddp",
+    )
+    run_cli_subprocess([*ddp_args, "--trainer", str(REPO / "configs/trainer/ddp_cpu.yaml")])
+    params_single = torch.load(tmp_path / "runs/single/version_0/checkpoints/last.ckpt", weights_only=True)
+    params_ddp = torch.load(tmp_path / "runs/ddp/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert params_ddp["global_step"] == params_single["global_step"] == 3
+    if loss == "beta_dpo":
+        assert int(params_ddp["state_dict"]["beta_dpo.step"]) == 3  # one EMA update per optimiser step
+    for key, value in params_single["state_dict"].items():
+        torch.testing.assert_close(params_ddp["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)

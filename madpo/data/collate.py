@@ -75,3 +75,15 @@ class PreferenceCollator:
             if name in features[0]:
                 batch[name] = torch.tensor([float(f[name]) for f in features], dtype=torch.float32)
         return batch
+
+
+def collate_prompts(features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Prompt rows (generation) -> `index` (B,) long, `prompt_ids` (lists of ids; the step pads them for generation)
+    and `prompt` (the prompts as given, for the output)."""
+    if not features:
+        raise ValueError("cannot collate an empty batch")
+    return {
+        "index": torch.tensor([int(f["index"]) for f in features], dtype=torch.long),
+        "prompt_ids": [_ids(f["prompt_ids"]) for f in features],
+        "prompt": [f["prompt"] for f in features],
+    }

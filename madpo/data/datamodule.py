@@ -9,7 +9,8 @@ log-probs) -> batches of docs/contracts.md.
    cannot serve it; score `rm_margin` with `reward_model` and the reference log-probs with
    `module.reference_model()` (`madpo.scoring`, DDP-sharded, cached under `cache_dir`).
 
-Every step's counts are kept in `self.stats` (the LightningModule logs them).
+Every step's counts are kept in `self.stats` (the LightningModule logs them) and printed on rank 0 at the end of
+setup (`madpo.data.report`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ from typing import Any, Literal
 import datasets
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from madpo.data.collate import PreferenceCollator
+from madpo.data.collate import PreferenceCollator, collate_prompts
 from madpo.data.formats import IN_MEMORY, SFT, RawData, load_files, load_hub, load_in_memory
 from madpo.data.loader import ResumableDataLoader, ResumableSampler
+from madpo.data.report import format_split_report, print_data_report
 from madpo.data.requirements import DataRequirements
-from madpo.data.tokenize import tokenize_dataset
+from madpo.data.tokenize import tokenize_dataset, tokenize_prompts
+from madpo.errors import UserError
 from madpo.modeling import (
     check_reward_model_path,
     load_reward_model,
@@ -77,6 +81,10 @@ class PreferenceDataModule(L.LightningDataModule):
     Args:
         train_files: local training file(s), `.json`/`.jsonl`/`.parquet`/`.csv` (globs allowed).
         val_files: local validation file(s), same formats.
+        test_files: local test file(s) for `test` (same formats and validation as the validation files; scored with
+            the reward model and reference as validation is); the metrics are validation's, named test/<name>.
+        predict_files: local prompt file(s) for `predict`: a `prompt` column (string or chat messages); other
+            columns, e.g. chosen/rejected, are ignored. Prompts are tokenized as training prompts are.
         dataset_name: a hub dataset id (or any path `datasets.load_dataset` accepts), used when no `train_files`.
         train_split: split of `dataset_name` to train on.
         val_split: split of `dataset_name` to validate on (None: no hub validation split).
@@ -113,6 +121,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self,
         train_files: str | list[str] | None = None,
         val_files: str | list[str] | None = None,
+        test_files: str | list[str] | None = None,
+        predict_files: str | list[str] | None = None,
         dataset_name: str | None = None,
         train_split: str = "train",
         val_split: str | None = None,
@@ -157,10 +167,13 @@ class PreferenceDataModule(L.LightningDataModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
+        self.test_dataset: datasets.Dataset | None = None
+        self.predict_dataset: datasets.Dataset | None = None
         self.format: str | None = None
         self.requirements: DataRequirements | None = None
         self.stats: dict[str, Any] = {}
         self._is_setup = False
+        self._train_sampler: ResumableSampler | None = None
 
     @classmethod
     def from_datasets(
@@ -199,7 +212,10 @@ class PreferenceDataModule(L.LightningDataModule):
     # --------------------------------------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        if self._is_setup:
+        if stage == "predict":
+            self._setup_predict()
+            return
+        if self.test_dataset is not None if stage == "test" else self._is_setup:
             return
         tokenizer = self.tokenizer
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -224,30 +240,56 @@ class PreferenceDataModule(L.LightningDataModule):
                     "format": raw.format + (" (conversational)" if raw.conversational else ""),
                     "rows_loaded": raw.rows_in,
                     "rows_dropped": dict(raw.dropped),
+                    "implicit_prompts": raw.implicit_prompts,
                     "tokenize": tok_stats.as_dict(),
                 }
         if "train" in tokenized and len(tokenized["train"]) == 0:
-            raise ValueError(f"no training rows left after validation and tokenization: {self.stats['train']}")
+            hp = self.hparams
+            counts = format_split_report(
+                "train", self.stats["train"], max_length=hp.max_length, max_prompt_length=hp.max_prompt_length
+            )
+            raise UserError(f"no training rows left after validation and tokenization: {counts.split(' ', 1)[1]}")
         if "val" in tokenized and len(tokenized["val"]) == 0:
             log.warning("no validation rows left after validation and tokenization; validation is skipped")
             del tokenized["val"]
+        if "test" in tokenized and len(tokenized["test"]) == 0:
+            hp = self.hparams
+            counts = format_split_report(
+                "test", self.stats["test"], max_length=hp.max_length, max_prompt_length=hp.max_prompt_length
+            )
+            raise UserError(f"no test rows left after validation and tokenization: {counts.split(' ', 1)[1]}")
         if self.hparams.reward_model is not None:
             self._add_rm_margins(tokenized)
         if "train" in tokenized and (self.hparams.margin_noise_std or self.hparams.margin_flip_fraction):
             tokenized["train"] = self._perturb_margins(tokenized["train"])
         if req.reference_logps:
             self._add_reference_logps(module, tokenized)
-        self.train_dataset = tokenized.get("train")
-        self.val_dataset = tokenized.get("val")
+        if stage == "test":
+            self.test_dataset = tokenized["test"]
+        else:
+            self.train_dataset = tokenized.get("train")
+            self.val_dataset = tokenized.get("val")
         for split, ds in tokenized.items():
             self.stats[split]["rows"] = len(ds)
             self.stats[split]["columns"] = ds.column_names
         log.info("PreferenceDataModule stats: %s", json.dumps(self.stats, default=str))
-        self._is_setup = True
+        if _dist()[0] == 0:  # rows dropped and text cut change what the model sees: say so, not only at INFO
+            hp = self.hparams
+            print_data_report(
+                {k: v for k, v in self.stats.items() if k in raws},  # this call's splits
+                max_length=hp.max_length,
+                max_prompt_length=hp.max_prompt_length,
+            )
+        if stage != "test":
+            self._is_setup = True
 
     def _load_raw(self, stage: str | None) -> dict[str, RawData]:
         hp = self.hparams
         policy = hp.invalid_rows
+        if stage == "test":
+            if hp.test_files is None:
+                raise UserError("test needs test data: pass --data.test_files (local files, same formats as val_files)")
+            return {"test": load_files(hp.test_files, invalid_rows=policy)}
         has_val_source = (
             self._val_source is not None
             or hp.val_files is not None
@@ -307,7 +349,9 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         sources = [f"{s} (val_fraction={fraction}, seed={seed})" for s in raw.sources]
         train = replace(raw, dataset=parts["train"], sources=list(raw.sources))
-        val = replace(raw, dataset=parts["test"], rows_in=len(parts["test"]), dropped={}, sources=sources)
+        val = replace(
+            raw, dataset=parts["test"], rows_in=len(parts["test"]), dropped={}, sources=sources, implicit_prompts=0
+        )
         return train, val
 
     def _check_requirements(self, req: DataRequirements, raws: dict[str, RawData]) -> None:
@@ -348,10 +392,12 @@ class PreferenceDataModule(L.LightningDataModule):
         plugin = self.trainer.precision_plugin
         return self.trainer.strategy.root_device, plugin.forward_context, str(getattr(plugin, "precision", None))
 
-    def _key_parts(self, dataset: datasets.Dataset, model: torch.nn.Module, precision: str) -> dict[str, Any]:
+    def _key_parts(
+        self, dataset: datasets.Dataset, model: torch.nn.Module, precision: str, model_key: str | None = None
+    ) -> dict[str, Any]:
         return {
             "data": data_fingerprint(dataset),
-            "model": state_fingerprint(model),
+            "model": model_key or state_fingerprint(model),
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
             "max_length": self.hparams.max_length,
             "max_prompt_length": self.hparams.max_prompt_length,
@@ -457,6 +503,8 @@ class PreferenceDataModule(L.LightningDataModule):
             )
         device, forward_context, precision = self._scoring_context()
         with module.reference_model() as ref:
+            fingerprint = getattr(module, "reference_fingerprint", state_fingerprint)
+            ref_key = fingerprint(ref)  # once per fit, not per split
             for split, ds in tokenized.items():
 
                 def compute(ds: datasets.Dataset = ds, resume_dir: Any = None) -> dict[str, torch.Tensor]:
@@ -474,7 +522,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 columns, hit = cached_columns(
                     self.hparams.cache_dir,
                     "ref_logps",
-                    self._key_parts(ds, ref, precision),
+                    self._key_parts(ds, ref, precision, ref_key),
                     compute,
                     num_rows=len(ds),
                     resumable=True,
@@ -518,6 +566,7 @@ class PreferenceDataModule(L.LightningDataModule):
             sampler = ResumableSampler(
                 self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed, drop_last=False
             )
+        self._train_sampler = sampler
         return ResumableDataLoader(
             self.train_dataset,
             batches_trained=self._batches_trained,
@@ -527,6 +576,19 @@ class PreferenceDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def optimizer_step_batch(self, batch_idx: int, accumulate: int, n_batches: int) -> dict[str, torch.Tensor]:
+        """This rank's rows of the whole optimiser step that training micro-batch `batch_idx` (of the current epoch,
+        `n_batches` in it) belongs to, collated as one batch: for losses whose normalisation or statistics span the
+        optimiser step under gradient accumulation. Micro-batch j holds the epoch order's rows [jB, (j+1)B)."""
+        sampler = self._train_sampler
+        if sampler is None or self.train_dataset is None:
+            raise RuntimeError("optimizer_step_batch needs train_dataloader() to have been built")
+        size = self.hparams.batch_size
+        first = batch_idx // accumulate * accumulate
+        last = min(first + accumulate, n_batches)
+        rows = sampler.epoch_order()[first * size : last * size]
+        return self.collator([self.train_dataset[i] for i in rows])
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
@@ -539,6 +601,63 @@ class PreferenceDataModule(L.LightningDataModule):
             collate_fn=self.collator,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            raise RuntimeError("no test data: call setup('test') first (the Trainer does) with test_files")
+        world, rank = self._replicas()
+        # padded like validation (a few rows repeat under DDP), so every rank runs the same number of steps
+        return DataLoader(
+            self.test_dataset,
+            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            sampler=DistributedSampler(self.test_dataset, num_replicas=world, rank=rank, shuffle=False),
+            collate_fn=self.collator,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    # --------------------------------------------------------------------------------------------------------------
+    # Prediction prompts
+    # --------------------------------------------------------------------------------------------------------------
+
+    def _setup_predict(self) -> None:
+        """Load, validate and tokenize the prompts of `predict_files` (no scoring: predict samples the completions)."""
+        if self.predict_dataset is not None:
+            return
+        hp = self.hparams
+        if hp.predict_files is None:
+            raise UserError("predict needs prompts: pass --data.predict_files (files with a 'prompt' column)")
+        with main_process_first():
+            raw = load_files(hp.predict_files, invalid_rows=hp.invalid_rows, prompts_only=True)
+            dataset, tok_stats = tokenize_prompts(raw, self.tokenizer, max_prompt_length=hp.max_prompt_length)
+        self.stats["predict"] = {
+            "sources": raw.sources,
+            "format": raw.format + (" (conversational)" if raw.conversational else ""),
+            "rows_loaded": raw.rows_in,
+            "rows_dropped": dict(raw.dropped),
+            "tokenize": tok_stats.as_dict(),
+            "rows": len(dataset),
+        }
+        if len(dataset) == 0:
+            raise UserError(f"no prompts left after validation and tokenization: {self.stats['predict']}")
+        if _dist()[0] == 0:
+            print_data_report(
+                {"predict": self.stats["predict"]}, max_length=hp.max_length, max_prompt_length=hp.max_prompt_length
+            )
+        self.predict_dataset = dataset
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_dataset is None:
+            raise RuntimeError("no prompts: call setup('predict') first (the Trainer does) with predict_files")
+        world, rank = self._replicas()
+        # each rank takes every world-th prompt, none twice; the prediction writer puts them back in order
+        return DataLoader(
+            self.predict_dataset,
+            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            sampler=UnrepeatedDistributedSampler(self.predict_dataset, num_replicas=world, rank=rank, shuffle=False),
+            collate_fn=collate_prompts,
+            num_workers=self.hparams.num_workers,
         )
 
 

@@ -7,8 +7,9 @@ Two row formats are accepted, both with an explicit prompt (TRL's recommended la
 
 Each may be *standard* (strings) or *conversational* (lists of `{"role", "content"}` messages; the tokenizer's chat
 template turns them into text at tokenization time). Every error names the source (file path, `<in-memory>` or the
-hub name), the 0-based row within that source and the field. With `invalid_rows="drop"` offending rows are removed
-instead, counted per reason and logged with `logging.warning`: never silently.
+hub name), the 0-based row within that source and the field (a file that is not valid JSON: its 1-based line and
+column); an empty file is refused. With `invalid_rows="drop"` offending rows are removed instead, counted per reason
+and logged with `logging.warning`: never silently.
 
 The validated dataset gets an `index` column: the row's number in the split as loaded (0-based, counted over all of
 the split's files in order, before any row is dropped), so later errors and metrics can point back at the source row.
@@ -26,13 +27,17 @@ from typing import Any, Literal
 
 import datasets
 
+from madpo.data.jsoncheck import json_problem
+from madpo.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PREFERENCE = "preference"
 SFT = "sft"
+PROMPT = "prompt"  # prompt-only rows, for generation (`validate_prompts`)
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 SFT_COLUMNS = ("prompt", "completion")
-COMPLETION_FIELDS = {PREFERENCE: ("chosen", "rejected"), SFT: ("completion",)}
+COMPLETION_FIELDS = {PREFERENCE: ("chosen", "rejected"), SFT: ("completion",), PROMPT: ()}
 IN_MEMORY = "<in-memory>"
 
 InvalidRows = Literal["raise", "drop"]
@@ -57,6 +62,7 @@ class RawData:
         rows_in: rows read from the source(s), before dropping.
         dropped: rows removed per reason (only with `invalid_rows="drop"`).
         sources: the file paths / names the rows came from.
+        implicit_prompts: rows whose prompt was split off the shared start of chosen/rejected.
     """
 
     dataset: datasets.Dataset
@@ -65,13 +71,14 @@ class RawData:
     rows_in: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    implicit_prompts: int = 0
 
     @property
     def rows_out(self) -> int:
         return len(self.dataset)
 
 
-class InvalidRowError(ValueError):
+class InvalidRowError(UserError):
     """A row that breaks the format; the message names the source, the row and the field."""
 
 
@@ -190,7 +197,7 @@ def _row_problem(row: dict[str, Any], fmt: str, conversational: bool, has_margin
         value = row[name]
         is_completion = name != "prompt"
         if value is None:
-            return R_NOT_STRING, name, "is None"
+            return R_NOT_STRING, name, "is None (missing or null)"
         if conversational:
             problem = _message_problem(value, completion=is_completion)
             if problem is not None:
@@ -224,7 +231,8 @@ def validate(
     """
     if invalid_rows not in ("raise", "drop"):
         raise ValueError(f"invalid_rows must be 'raise' or 'drop', got {invalid_rows!r}")
-    if {"chosen", "rejected"} <= set(dataset.column_names) and "prompt" not in dataset.column_names:
+    implicit = {"chosen", "rejected"} <= set(dataset.column_names) and "prompt" not in dataset.column_names
+    if implicit:
         dataset = split_implicit_prompt(dataset, source)
     fmt = detect_format(dataset.column_names, source)
     has_margin = "rm_margin" in dataset.column_names
@@ -244,7 +252,7 @@ def validate(
         reason, name, what = problem
         message = f"{source}: row {i}: field {name!r} {what}"
         if invalid_rows == "raise":
-            raise InvalidRowError(message + " (pass invalid_rows='drop' to drop such rows instead, with a count)")
+            raise InvalidRowError(message + "; invalid_rows='drop' drops such rows instead, with a count")
         dropped[reason] += 1
         if len(examples) < 5:
             examples.append(message)
@@ -262,7 +270,15 @@ def validate(
             dict(dropped),
             " | ".join(examples),
         )
-    return RawData(dataset, fmt, conversational, rows_in=n, dropped=dict(dropped), sources=[source])
+    return RawData(
+        dataset,
+        fmt,
+        conversational,
+        rows_in=n,
+        dropped=dict(dropped),
+        sources=[source],
+        implicit_prompts=n if implicit else 0,
+    )
 
 
 def _normalise_types(
@@ -352,23 +368,41 @@ def _merge(parts: list[RawData]) -> RawData:
         rows_in=sum(p.rows_in for p in parts),
         dropped=dict(dropped),
         sources=[s for p in parts for s in p.sources],
+        implicit_prompts=sum(p.implicit_prompts for p in parts),
     )
 
 
-def load_files(files: str | list[str], *, invalid_rows: InvalidRows = "raise", cache_dir: str | None = None) -> RawData:
+def load_files(
+    files: str | list[str],
+    *,
+    invalid_rows: InvalidRows = "raise",
+    cache_dir: str | None = None,
+    prompts_only: bool = False,
+) -> RawData:
     """Rows of local `.json`/`.jsonl`/`.parquet`/`.csv` files (globs allowed), each loaded and validated on its own
-    (errors name the file), then concatenated in order. `cache_dir` is datasets' cache (None: its default)."""
+    (errors name the file), then concatenated in order. `cache_dir` is datasets' cache (None: its default).
+    `prompts_only`: only the prompts are read and validated (`validate_prompts`; generation)."""
     parts = []
     offset = 0
     for path in _expand(files):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file {path!r} does not exist")
         builder = _builder(path)
+        if os.path.getsize(path) == 0:
+            raise UserError(f"{path}: the file is empty: no rows")
         try:
             ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
         except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            raise ValueError(f"{path}: could not be read as {builder}: {type(e).__name__}: {e}") from e
-        part = validate(ds, path, invalid_rows=invalid_rows, index_offset=offset)
+            # datasets' JSON errors are pyarrow byte offsets; only now (a failure) re-read the file to find the line
+            problem = json_problem(path) if builder == "json" else None
+            if problem is None and "corresponds to no data" in str(e):  # datasets' words for zero rows (csv header)
+                problem = "no rows"
+            detail = problem or f"{type(e).__name__}: {e}"
+            raise UserError(f"{path}: could not be read as {builder}: {detail}") from e
+        if len(ds) == 0:
+            raise UserError(f"{path}: the file has no rows")
+        check = validate_prompts if prompts_only else validate
+        part = check(ds, path, invalid_rows=invalid_rows, index_offset=offset)
         offset += part.rows_in
         parts.append(part)
     return _merge(parts)
@@ -387,3 +421,58 @@ def load_in_memory(
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"{source}: expected a datasets.Dataset, got {type(dataset).__name__}")
     return validate(dataset, source, invalid_rows=invalid_rows)
+
+
+def validate_prompts(
+    dataset: datasets.Dataset,
+    source: str,
+    *,
+    invalid_rows: InvalidRows = "raise",
+    index_offset: int = 0,
+) -> RawData:
+    """Check the `prompt` of every row and add `index`, for generation: format "prompt", the other columns dropped.
+
+    Any file with a `prompt` column serves (prompt-only, preference or SFT rows; their completions are ignored and
+    not checked); an implicit-prompt preference file has its prompt split off as in `validate`. The prompt checks
+    and errors are `validate`'s.
+    """
+    if invalid_rows not in ("raise", "drop"):
+        raise ValueError(f"invalid_rows must be 'raise' or 'drop', got {invalid_rows!r}")
+    implicit = {"chosen", "rejected"} <= set(dataset.column_names) and "prompt" not in dataset.column_names
+    if implicit:
+        dataset = split_implicit_prompt(dataset, source)
+    if "prompt" not in dataset.column_names:
+        raise UserError(
+            f"{source}: no 'prompt' column; found columns {sorted(dataset.column_names)}; generation reads the "
+            "prompts from a 'prompt' column (other columns are ignored)"
+        )
+    columns = {"prompt": dataset.select_columns(["prompt"]).with_format(None).to_dict()["prompt"]}
+    n = len(dataset)
+    conversational = _looks_conversational(columns, ["prompt"])
+    keep: list[int] = []
+    dropped: Counter[str] = Counter()
+    for i, value in enumerate(columns["prompt"]):
+        problem = _row_problem({"prompt": value}, PROMPT, conversational, has_margin=False)
+        if problem is None:
+            keep.append(i)
+            continue
+        reason, name, what = problem
+        message = f"{source}: row {i}: field {name!r} {what}"
+        if invalid_rows == "raise":
+            raise InvalidRowError(message + " (pass invalid_rows='drop' to drop such rows instead, with a count)")
+        dropped[reason] += 1
+    dataset = dataset.select_columns(["prompt"])
+    dataset = dataset.add_column("index", list(range(index_offset, index_offset + n)))
+    if dropped:
+        dataset = dataset.select(keep)
+        log.warning("%s: dropped %d of %d prompts (invalid_rows='drop'): %s", source, n - len(keep), n, dict(dropped))
+    dataset = _normalise_types(dataset, ["prompt"], conversational, columns, keep if dropped else None)
+    return RawData(
+        dataset,
+        PROMPT,
+        conversational,
+        rows_in=n,
+        dropped=dict(dropped),
+        sources=[source],
+        implicit_prompts=n if implicit else 0,
+    )

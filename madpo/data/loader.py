@@ -26,6 +26,10 @@ class ResumableSampler(DistributedSampler):
     def resume_at(self, epoch: int, samples: int) -> None:
         self._resume = (epoch, samples)
 
+    def epoch_order(self) -> list[int]:
+        """This rank's dataset positions for the current epoch, from its start (a pending resume does not cut it)."""
+        return list(super().__iter__())
+
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
         resume, self._resume = self._resume, None

@@ -44,7 +44,7 @@ from madpo.modeling import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-TOKENIZE_VERSION = 1  # bump when the tokenization rules change: invalidates every datasets cache entry
+TOKENIZE_VERSION = 2  # bump when the tokenization rules change: invalidates every datasets cache entry
 _KEEP, _DROP_PROMPT_TOO_LONG, _DROP_EMPTY_PROMPT = 0, 1, 2
 
 
@@ -59,6 +59,8 @@ class TokenizeStats:
     rejected_truncated: int = 0
     filtered_prompt_too_long: int = 0
     filtered_empty_prompt: int = 0
+    longest_prompt: int = 0  # tokens before truncation (with BOS), over every row
+    longest_completion: int = 0  # tokens before truncation (with EOS), over every row and completion
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -85,15 +87,21 @@ def tokenize_fingerprint(
     return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: list[dict]) -> str:
+    """The text of a conversational prompt: the chat template with its generation prompt (the assistant turn's
+    opening), which is where a completion starts, in training data and in generation alike."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
 def _render_conversation(
     tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]], completions: list[list[dict]], indices: list[int]
 ) -> tuple[list[str], list[str]]:
     """(prompt text, completion text) of each conversational row, split at the generation prompt."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("conversational rows need a tokenizer with a chat template; this tokenizer has none")
     prompt_texts, completion_texts = [], []
     for prompt, completion, index in zip(prompts, completions, indices, strict=True):
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompt_text = render_prompt(tokenizer, prompt)
         full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         if not full_text.startswith(prompt_text):
             raise ValueError(
@@ -125,13 +133,20 @@ def _tokenize_batch(
     prompts = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
     completions = {name: tokenizer(texts[name], add_special_tokens=False)["input_ids"] for name in completion_fields}
 
-    out: dict[str, list[Any]] = {"prompt_ids": [], "_prompt_truncated": [], "_drop": []}
+    out: dict[str, list[Any]] = {
+        "prompt_ids": [],
+        "_prompt_truncated": [],
+        "_drop": [],
+        "_prompt_len": [],
+        "_completion_len": [],
+    }
     for name in completion_fields:
         out[f"{name}_ids"] = []
         out[f"_{name}_truncated"] = []
     for i, prompt in enumerate(prompts):
         if bos is not None and (not prompt or prompt[0] != bos):
             prompt = [bos] + prompt
+        out["_prompt_len"].append(len(prompt))
         truncated = max_prompt_length is not None and len(prompt) > max_prompt_length
         if truncated:
             keep_first = 1 if (bos is not None and prompt[0] == bos) else 0
@@ -142,13 +157,16 @@ def _tokenize_batch(
         out["prompt_ids"].append(prompt)
         out["_prompt_truncated"].append(truncated)
         out["_drop"].append(drop)
+        longest = 0
         for name in completion_fields:
             ids = completions[name][i]
             if eos is not None and not conversational and (not ids or ids[-1] != eos):
                 ids = ids + [eos]
+            longest = max(longest, len(ids))
             cut = len(ids) > budget
             out[f"{name}_ids"].append(ids[: max(budget, 0)] if cut else ids)
             out[f"_{name}_truncated"].append(cut and drop == _KEEP)
+        out["_completion_len"].append(longest)
     return out
 
 
@@ -202,6 +220,9 @@ def tokenize_dataset(
     def count(column: str, value: Any = True) -> int:
         return int(pc.sum(pc.equal(tokenized.data.column(column), value)).as_py() or 0) if len(tokenized) else 0
 
+    def longest(column: str) -> int:
+        return int(pc.max(tokenized.data.column(column)).as_py() or 0) if len(tokenized) else 0
+
     stats = TokenizeStats(
         rows_in=len(dataset),
         prompts_truncated=count("_prompt_truncated"),
@@ -209,6 +230,8 @@ def tokenize_dataset(
         rejected_truncated=count("_rejected_truncated") if raw.format == PREFERENCE else 0,
         filtered_prompt_too_long=count("_drop", _DROP_PROMPT_TOO_LONG),
         filtered_empty_prompt=count("_drop", _DROP_EMPTY_PROMPT),
+        longest_prompt=longest("_prompt_len"),
+        longest_completion=longest("_completion_len"),
     )
     if stats.filtered_prompt_too_long or stats.filtered_empty_prompt:
         tokenized = tokenized.filter(
@@ -240,6 +263,66 @@ def tokenize_dataset(
         f", {stats.rejected_truncated} rejected truncated" if raw.format == PREFERENCE else "",
         filtered,
         stats.filtered_prompt_too_long,
+        stats.filtered_empty_prompt,
+    )
+    return tokenized, stats
+
+
+def tokenize_prompts(
+    raw: RawData,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_prompt_length: int | None = None,
+    split: str = "predict",
+) -> tuple[datasets.Dataset, TokenizeStats]:
+    """Tokenize prompt rows for generation (`formats.validate_prompts`): columns `index`, `prompt` (as given, for
+    the output) and `prompt_ids`, by the rules above (chat template with its generation prompt, one BOS, end kept
+    under `max_prompt_length`); a prompt that is empty after tokenization is filtered, with a count."""
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
+    conversational = raw.conversational
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        texts = [render_prompt(tokenizer, p) for p in batch["prompt"]] if conversational else batch["prompt"]
+        out = _tokenize_batch(
+            {"prompt": texts, "index": batch["index"]},
+            tokenizer=tokenizer,
+            completion_fields=(),
+            conversational=False,
+            max_length=(max_prompt_length or 2**31) + 1,  # prompts only: no completion budget to leave
+            max_prompt_length=max_prompt_length,
+        )
+        flags = {"_truncated": out["_prompt_truncated"], "_drop": out["_drop"], "_length": out.get("_prompt_len")}
+        return {"prompt_ids": out["prompt_ids"], **{k: v for k, v in flags.items() if v is not None}}
+
+    fingerprint = tokenize_fingerprint(
+        raw.dataset, tokenizer, max_length=0, max_prompt_length=max_prompt_length, conversational=conversational
+    )
+    tokenized = raw.dataset.map(
+        encode, batched=True, new_fingerprint=f"{fingerprint}-prompts", desc=f"Tokenizing {split}"
+    )
+
+    def count(column: str, value: Any) -> int:
+        return int(pc.sum(pc.equal(tokenized.data.column(column), value)).as_py() or 0) if len(tokenized) else 0
+
+    stats = TokenizeStats(
+        rows_in=len(raw.dataset),
+        prompts_truncated=count("_truncated", True),
+        filtered_empty_prompt=count("_drop", _DROP_EMPTY_PROMPT),
+    )
+    if "_length" in tokenized.column_names and len(tokenized):
+        stats.longest_prompt = int(pc.max(tokenized.data.column("_length")).as_py() or 0)
+    if stats.filtered_empty_prompt:
+        tokenized = tokenized.filter(lambda drop: [d == _KEEP for d in drop], input_columns="_drop", batched=True)
+    tokenized = tokenized.select_columns(["index", "prompt", "prompt_ids"])
+    stats.rows_out = len(tokenized)
+    (log.warning if stats.filtered_empty_prompt else log.info)(
+        "%s: tokenized %d -> %d prompts (max_prompt_length=%s): %d truncated (start cut), %d filtered (empty)",
+        split,
+        stats.rows_in,
+        stats.rows_out,
+        max_prompt_length,
+        stats.prompts_truncated,
         stats.filtered_empty_prompt,
     )
     return tokenized, stats

@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MinMetric
 
 from madpo.data.requirements import DataRequirements
+from madpo.errors import UserError
 from madpo.modeling import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class PairwiseModule(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_metrics": nn.ModuleDict({_metric_key(n): self._new_metric(n) for n in self.metric_names})
-                for stage in ("train", "val")
+                for stage in ("train", "val", "test")
             }
         )  # ("train" itself would shadow nn.Module.train)
 
@@ -125,6 +126,16 @@ class PairwiseModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """Validation's computation on the test split, logged as test/<name>."""
+        return self._step(batch, batch_idx, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        raise UserError(
+            f"{type(self).__name__} has no predict: `predict` samples completions from a policy "
+            "(madpo.PolicyLightningModule); evaluate a reward model with `test` on preference pairs"
+        )
 
     def _step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor | None:
         loss, per_pair, scalars = self.compute(batch, stage)
@@ -214,10 +225,22 @@ class PairwiseModule(L.LightningModule):
             loop._load_combined_loader_states()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._has_dropout():
+            # Lightning does not checkpoint the global RNG, so a resumed run would draw other dropout masks: seed
+            # each batch's from where it stands in the run instead, so masks depend on the step, not on the history
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            torch.manual_seed(hash((seed, self.global_step, batch_idx, self.global_rank)) % 2**63)
         if self.trainer.optimizers:
             self.log(
                 "train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1
             )
+
+    def _has_dropout(self) -> bool:
+        if not hasattr(self, "_dropout_active"):
+            config = getattr(getattr(self, "model", None), "config", None)
+            attention = max(float(getattr(config, k, 0.0) or 0.0) for k in ("attention_dropout", "attn_pdrop"))
+            self._dropout_active = attention > 0 or any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+        return self._dropout_active
 
     # ---- export -------------------------------------------------------------------------------------------------
     def _log_final_hparams(self) -> None:

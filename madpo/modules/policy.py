@@ -13,8 +13,9 @@ from torch import nn
 
 from madpo import losses as L
 from madpo.data.requirements import DataRequirements
-from madpo.modeling import load_causal_lm, load_tokenizer, sequence_logps
+from madpo.modeling import is_adapter_tensor, load_causal_lm, load_tokenizer, sequence_logps, state_fingerprint
 from madpo.modules.base import LoraOptions, OptimizerOptions, PairwiseModule
+from madpo.predict import GenerationOptions, PredictionModels, load_prediction_models, predict_batch
 
 LossName = Literal["sft", "dpo", "ipo", "beta_dpo", "madpo"]
 
@@ -64,6 +65,7 @@ class PolicyLightningModule(PairwiseModule):
         export: Write the trained policy as a transformers directory at the end of fit.
         export_dir: Where to export (default: <log_dir>/hf_model).
         trust_remote_code: Allow custom modelling code from the checkpoint (off unless you ask).
+        generation: How `predict` samples completions (max_new_tokens, temperature, top_k, top_p, seed).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class PolicyLightningModule(PairwiseModule):
         export: bool = True,
         export_dir: str | None = None,
         trust_remote_code: bool = False,
+        generation: GenerationOptions = GenerationOptions(),  # noqa: B008 - frozen, so one shared default is safe
     ) -> None:
         if loss not in ("sft", "dpo", "ipo", "beta_dpo", "madpo"):
             raise ValueError(f"loss must be one of sft, dpo, ipo, beta_dpo, madpo; got {loss!r}")
@@ -103,6 +106,10 @@ class PolicyLightningModule(PairwiseModule):
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_options = optimizer or OptimizerOptions()
+        # Sampling is chosen when predict runs: kept out of the checkpoint's hyper_parameters, which LightningCLI
+        # would otherwise apply over the command line's generation options under --ckpt_path.
+        self.generation = generation
+        self.hparams.pop("generation", None)
         if loss == "madpo":  # validate the weight options now, not at the first step
             L.madpo_weights(torch.zeros(1), c_max=c_max, c_min=c_min, lam=lam, tau=tau, variant=variant)
         self.beta_dpo = (
@@ -122,6 +129,12 @@ class PolicyLightningModule(PairwiseModule):
         if disable_dropout:
             _disable_dropout(self.model)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
+        # The reference is the initial policy. A fresh adapter starts at zero (LoRA B = 0), so the base model with
+        # its adapter disabled is the initial policy and needs no copy; a loaded adapter that goes on training is
+        # part of the initial policy, so then the reference is a frozen merged copy, as for full fine-tuning.
+        self._reference_disables_adapter = lora is not None and not (
+            lora.adapter_path and not lora.freeze_loaded_adapter
+        )
         # The frozen reference for `reference: online` lives outside the module tree: never in a checkpoint, never
         # in DDP's parameter sync, never touched by the optimiser.
         self._online_reference: list[nn.Module] = []
@@ -153,7 +166,7 @@ class PolicyLightningModule(PairwiseModule):
         weights are the initial ones. With LoRA it is the same model with the adapter disabled (no copy).
         """
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        if self.lora is not None:
+        if self._reference_disables_adapter:
             was_training = self.model.training
             self.model.to(device).eval()
             try:
@@ -162,20 +175,110 @@ class PolicyLightningModule(PairwiseModule):
             finally:
                 self.model.train(was_training)
         else:
-            ref = copy.deepcopy(self.model).to(device).eval().requires_grad_(False)
+            ref = self._frozen_copy().to(device)
             try:
                 yield ref
             finally:
                 del ref
 
-    def setup(self, stage: str) -> None:
-        if self.hparams.loss != "sft" and self.hparams.reference == "online" and self.lora is None:
-            if not self._online_reference:
-                self._online_reference.append(copy.deepcopy(self.model).eval().requires_grad_(False))
+    def reference_fingerprint(self, reference: nn.Module) -> str:
+        """Cache key of the reference's weights: without the adapter's own (randomly initialised, disabled) tensors
+        when the reference is the adapter-disabled base, so runs that differ only in the adapter's seed share it."""
+        return state_fingerprint(reference, skip=is_adapter_tensor if self._reference_disables_adapter else None)
 
-    def on_fit_start(self) -> None:
-        for ref in self._online_reference:
+    def _frozen_copy(self) -> nn.Module:
+        model = copy.deepcopy(self.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        return model.eval().requires_grad_(False)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.loss != "sft" and self.hparams.reference == "online" and not self._reference_disables_adapter:
+            if not self._online_reference:
+                self._online_reference.append(self._frozen_copy())
+
+    def _online_reference_model(self) -> nn.Module:
+        """The frozen copy, on the policy's device whichever loop (fit, validate, test, predict) runs."""
+        ref = self._online_reference[0]
+        if next(ref.parameters()).device != self.device:
             ref.to(self.device)
+        return ref
+
+    # ---- gradient accumulation: statistics of the whole optimiser step -------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        self._train_batch_idx = batch_idx
+        return super().training_step(batch, batch_idx)
+
+    def _accumulating(self, stage: str) -> int:
+        """The number of micro-batches per optimiser step when it is > 1 on a training step, else 0."""
+        if stage != "train" or self._trainer is None:
+            return 0
+        k = int(self.trainer.accumulate_grad_batches)
+        return k if k > 1 else 0
+
+    def _optimizer_step_batch(self, accumulate: int) -> tuple[tuple[int, int], dict[str, torch.Tensor]]:
+        """(key, batch) of this rank's rows of the current optimiser step (all its micro-batches), from the
+        DataModule, which knows the epoch's order."""
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "optimizer_step_batch"):
+            raise ValueError(
+                f"loss={self.hparams.loss} with accumulate_grad_batches > 1 needs PreferenceDataModule, whose "
+                "loader knows which rows share an optimiser step"
+            )
+        key = (self.current_epoch, self._train_batch_idx // accumulate)
+        n_batches = int(self.trainer.num_training_batches)
+        return key, datamodule.optimizer_step_batch(self._train_batch_idx, accumulate, n_batches)
+
+    def _step_token_count(self, accumulate: int, n_rows: int, index: torch.Tensor) -> torch.Tensor:
+        """Completion tokens of the whole optimiser step on every rank (SFT's normaliser), once per step."""
+        key, rows = self._optimizer_step_batch(accumulate)
+        if getattr(self, "_step_tokens", (None,))[0] != key:
+            n_step_rows = rows["index"].numel()
+            if not torch.isin(index.cpu(), rows["index"]).all():
+                raise RuntimeError("micro-batch rows are not in their optimiser step: the loader's order changed")
+            local = rows["completion_mask"][:n_step_rows, 1:].sum().float().to(self.device)
+            self._step_tokens = (key, self.global_sum(local))
+        return self._step_tokens[1]
+
+    def _step_selection(self, accumulate: int, index: torch.Tensor) -> tuple[dict[int, bool], L.BetaDPOSelection]:
+        """β-DPO's EMA update, kept-pair mask and β_batch over the whole optimiser step (all micro-batches, all
+        ranks), as the method defines them: the policy's gaps on the step's rows, without gradient, once per step."""
+        key, rows = self._optimizer_step_batch(accumulate)
+        if getattr(self, "_selection", (None,))[0] != key:
+            assert self.beta_dpo is not None
+            gaps = []
+            size = index.numel()
+            with torch.no_grad():
+                for start in range(0, rows["index"].numel(), size):
+                    chunk = _pair_slice(rows, start, start + size, self.device)
+                    n = chunk["index"].numel()
+                    logps, _ = self._logps(self.model, chunk, slice(None))
+                    ref_chosen, ref_rejected = self._reference_logps(chunk, n)
+                    gaps.append(L.implicit_margin(logps[:n], logps[n:], ref_chosen, ref_rejected))
+            step_index = rows["index"].to(self.device)
+            selection = self.beta_dpo.select(
+                torch.cat(gaps), all_gather=self.gather_pairs, rank=self.global_rank, order_key=step_index
+            )
+            kept = dict(zip(step_index.tolist(), selection.mask.tolist(), strict=True))
+            self._selection = (key, kept, selection)
+        _, kept, selection = self._selection
+        if any(i not in kept for i in index.tolist()):
+            raise RuntimeError("micro-batch rows are not in their optimiser step: the loader's order changed")
+        return kept, selection
+
+    def _beta_dpo_accumulated(
+        self, args: tuple[torch.Tensor, ...], index: torch.Tensor, accumulate: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, L.BetaDPOSelection]:
+        """(loss to return, per-pair losses, mask, selection) for one micro-batch. Lightning divides each returned
+        loss by `accumulate` and DDP averages over ranks, so the returned sum carries world * accumulate / N_kept:
+        the optimiser then sees the mean of -log σ(β_batch h) over the step's kept pairs."""
+        kept, selection = self._step_selection(accumulate, index)
+        h = L.implicit_margin(*args)
+        mask = torch.tensor([kept[i] for i in index.tolist()], device=h.device)
+        per_pair = -torch.nn.functional.logsigmoid(selection.beta.to(h.device, h.dtype) * h)
+        masked = torch.where(mask, per_pair, torch.zeros_like(per_pair))
+        loss = masked.sum() * (self.world_size * accumulate / selection.n_kept)
+        return loss, masked * (selection.n / selection.n_kept), mask, selection
 
     # ---- the step -----------------------------------------------------------------------------------------------
     def _logps(
@@ -198,11 +301,11 @@ class PolicyLightningModule(PairwiseModule):
                 "PreferenceDataModule to the Trainer (it precomputes them), or use reference='online'"
             )
         with torch.no_grad():
-            if self.lora is not None:
+            if self._reference_disables_adapter:
                 with self.model.disable_adapter():
                     logps, _ = self._logps(self.model, batch, slice(None))
             else:
-                logps, _ = self._logps(self._online_reference[0], batch, slice(None))
+                logps, _ = self._logps(self._online_reference_model(), batch, slice(None))
         return logps[:n_pairs], logps[n_pairs:]
 
     def compute(
@@ -210,7 +313,7 @@ class PolicyLightningModule(PairwiseModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         n_pairs = batch["index"].numel()
         if self.hparams.loss == "sft":
-            return self._sft(batch, n_pairs)
+            return self._sft(batch, n_pairs, stage)
         if batch["input_ids"].shape[0] != 2 * n_pairs:
             raise ValueError(f"loss={self.hparams.loss} needs preference pairs; the batch holds single completions")
         logps, n_tokens = self._logps(self.model, batch, slice(None))  # one forward over [chosen; rejected]
@@ -254,12 +357,19 @@ class PolicyLightningModule(PairwiseModule):
         else:  # beta_dpo
             assert self.beta_dpo is not None
             self.beta_dpo.train(stage == "train")  # the EMA updates only on training steps
-            out = self.beta_dpo(*args, all_gather=self.gather_pairs, rank=self.global_rank, order_key=batch["index"])
-            losses = out.losses
-            per_pair["beta_dpo/kept"] = out.mask.float()
-            scalars.update(
-                {"beta/effective": out.beta, "beta_dpo/gap_mean": out.gap_mean, "beta_dpo/gap_std": out.gap_std}
-            )
+            accumulate = self._accumulating(stage)
+            if accumulate:
+                loss, losses, mask, sel = self._beta_dpo_accumulated(args, batch["index"], accumulate)
+                beta_t, gap_mean, gap_std = (
+                    x.to(losses.device, losses.dtype) for x in (sel.beta, sel.gap_mean, sel.gap_std)
+                )
+            else:
+                out = self.beta_dpo(
+                    *args, all_gather=self.gather_pairs, rank=self.global_rank, order_key=batch["index"]
+                )
+                losses, mask, beta_t, gap_mean, gap_std = out.losses, out.mask, out.beta, out.gap_mean, out.gap_std
+            per_pair["beta_dpo/kept"] = mask.float()
+            scalars.update({"beta/effective": beta_t, "beta_dpo/gap_mean": gap_mean, "beta_dpo/gap_std": gap_std})
         chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
         rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
         per_pair.update(
@@ -273,6 +383,8 @@ class PolicyLightningModule(PairwiseModule):
                 "logps/rejected": policy_rejected.detach(),
             }
         )
+        if loss_name == "beta_dpo" and self._accumulating(stage):
+            return loss, per_pair, scalars
         return losses.mean(), per_pair, scalars
 
     def on_train_epoch_end(self) -> None:
@@ -295,19 +407,53 @@ class PolicyLightningModule(PairwiseModule):
         return {"c_max": h.c_max, "c_min": h.c_min, "lam": h.lam, "tau": h.tau, "variant": h.variant}
 
     def _sft(
-        self, batch: dict[str, torch.Tensor], n_rows: int
+        self, batch: dict[str, torch.Tensor], n_rows: int, stage: str = "val"
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Token-mean NLL of the completion (chosen) tokens over the global batch: Σ_tokens −log p / N_tokens."""
+        """Token-mean NLL of the completion (chosen) tokens over the optimiser step on every rank: Σ −log p / N."""
         logps, n_tokens = self._logps(self.model, batch, slice(0, n_rows))
-        # Divide by the global token count per rank so DDP's gradient average equals the global token mean.
-        global_tokens = self.global_sum(n_tokens.sum().float())
-        loss = -logps.sum() / (global_tokens / self.world_size).clamp_min(1.0)
+        # DDP averages gradients over ranks and Lightning divides each micro-batch's loss by `accumulate`: divide by
+        # N / (world * accumulate), N the tokens of the whole optimiser step, so the update follows the token mean.
+        accumulate = self._accumulating(stage)
+        if accumulate:
+            step_tokens = self._step_token_count(accumulate, n_rows, batch["index"])
+        else:
+            accumulate, step_tokens = 1, self.global_sum(n_tokens.sum().float())
+        loss = -logps.sum() / (step_tokens / (self.world_size * accumulate)).clamp_min(1.0)
         per_pair = {
             "loss": -logps.detach() / n_tokens.clamp_min(1),
             "logps/chosen": logps.detach(),
             "nll_per_token": -logps.detach() / n_tokens.clamp_min(1),
         }
         return loss, per_pair, {}
+
+    # ---- predict: sample a completion per prompt (madpo.predict; PredictionWriter writes the rows) ----------------
+    def on_predict_start(self) -> None:
+        # after the checkpoint restore: the reference is loaded from model_name_or_path, not copied from the policy
+        self._prediction_models: PredictionModels | None = load_prediction_models(self)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """One completion per prompt of the batch, with its policy and reference log-probs (and reward)."""
+        models = getattr(self, "_prediction_models", None) or load_prediction_models(self)
+        self._prediction_models = models
+        return predict_batch(self.model, batch, models, self.generation, fast_logps=self.hparams.fast_logps)
+
+    def on_predict_end(self) -> None:
+        self._prediction_models = None  # frees the reference and reward model
+
+
+def _pair_slice(batch: dict[str, torch.Tensor], start: int, stop: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pairs [start, stop) of a collated preference batch (chosen rows, then rejected rows), on `device`."""
+    n = batch["index"].numel()
+    stop = min(stop, n)
+    rows = torch.cat([torch.arange(start, stop), torch.arange(n + start, n + stop)])
+    out = {}
+    for name, value in batch.items():
+        value = value[rows] if value.shape[0] == 2 * n else value[start:stop]
+        out[name] = value.to(device)
+    width = int(out["attention_mask"].sum(1).max())  # drop the padding the rest of the step needed
+    for name in ("input_ids", "attention_mask", "completion_mask"):
+        out[name] = out[name][:, :width]
+    return out
 
 
 def _disable_dropout(model: nn.Module) -> None:

@@ -64,7 +64,7 @@ from madpo.pipeline.serialize import jsonable as _jsonable
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 """Part of every stage hash: bump it when a stage's behaviour changes, so old caches are not reused."""
 MANIFEST = "stage.json"
 
@@ -122,6 +122,30 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+UNKEYED_TRAINER_FIELDS = ("progress_bar", "num_threads")
+"""Trainer fields no stage key holds: progress bars change no output; the thread count is set once per process
+(`bench/reproduce.py --jobs` splits threads between workers) and changes only the order of float reductions."""
+TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainerConfig) if f.name not in UNKEYED_TRAINER_FIELDS)
+"""What a training stage reads of the trainer settings (through `fit` and `_optimizer`)."""
+
+
+def trainer_key(trainer: TrainerConfig, fields: Sequence[str] = TRAINING_FIELDS) -> dict:
+    """The trainer settings a stage reads, for its key (`run_stage` checks that nothing else was read)."""
+    return {name: getattr(trainer, name) for name in fields}
+
+
+class _ReadRecorder:
+    """Reads through to a TrainerConfig and records which fields were read (so a stage cannot read one its key
+    lacks without `run_stage` noticing)."""
+
+    def __init__(self, target: TrainerConfig) -> None:
+        self._target, self.read = target, set()
+
+    def __getattr__(self, name: str) -> Any:
+        self.read.add(name)
+        return getattr(self._target, name)
 
 
 def stage_key(name: str, config: dict, upstream: Sequence[StageResult]) -> str:
@@ -210,6 +234,8 @@ def run_stage(
     say(f"stage {label}: running -> {path}")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     start, cpu_start, load_start = time.perf_counter(), time.process_time(), _load()
+    trainer, recorder = ctx.trainer, _ReadRecorder(ctx.trainer)
+    ctx.trainer = recorder  # type: ignore[assignment]
     try:
         out = body(path)
     except StageError:
@@ -217,6 +243,12 @@ def run_stage(
     except Exception as e:
         context = f"[{label}] " if label != name else ""
         raise StageError(f"stage {name}: {context}{e}") from e
+    finally:
+        ctx.trainer = trainer
+    unkeyed = sorted(recorder.read - set(config.get("trainer", {})) - set(UNKEYED_TRAINER_FIELDS))
+    if unkeyed:  # a programming error: the cache would serve this stage's output for other values of these fields
+        shutil.rmtree(path)
+        raise RuntimeError(f"stage {name}: read trainer.{', trainer.'.join(unkeyed)}, which its cache key lacks")
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     manifest = {
         "stage": name,
@@ -414,7 +446,7 @@ def fit(
         max_steps=max_steps or -1,
         accumulate_grad_batches=accumulate_grad_batches,
         gradient_clip_val=ctx.trainer.gradient_clip_val,
-        logger=TensorBoardLogger(save_dir=str(stage_dir), name="tensorboard", version=0),
+        logger=TensorBoardLogger(save_dir=str(stage_dir), name="tensorboard", version=0, default_hp_metric=False),
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=ctx.trainer.progress_bar,
@@ -565,6 +597,8 @@ def stage_oracle(
     config = {**dataclasses.asdict(cfg), "snippet_tokens": snippet_tokens}
     if cfg.kind != "tfidf":
         config = {k: v for k, v in config.items() if k not in ("ngram_max", "min_df", "C")}
+    if cfg.kind == "hf":  # the classifier runs on the trainer's device
+        config["trainer"] = trainer_key(ctx.trainer, ("accelerator",))
 
     def body(path: Path) -> StageOutput:
         from madpo.modeling import load_tokenizer
@@ -651,8 +685,7 @@ def stage_base_model(ctx: Context, cfg: BaseModelConfig, reviews: StageResult, t
     else:
         config = {
             **dataclasses.asdict(cfg),
-            "precision": ctx.trainer.precision,
-            "accelerator": ctx.trainer.accelerator,
+            "trainer": trainer_key(ctx.trainer),
         }
         config.pop("name_or_path")
         config.pop("gguf_file")
@@ -760,8 +793,7 @@ def stage_sft(ctx: Context, cfg: SftConfig, prompt_tokens: int, reviews: StageRe
     config = {
         **dataclasses.asdict(cfg),
         "prompt_tokens": prompt_tokens,
-        "precision": ctx.trainer.precision,
-        "accelerator": ctx.trainer.accelerator,
+        "trainer": trainer_key(ctx.trainer),
     }
 
     def body(path: Path) -> StageOutput:
@@ -872,6 +904,7 @@ def stage_pairs(
     oracle scores of prompt + sample and of prompt + the original continuation (same token budget) -> the three
     tiers -> seeded shuffle, Gumbel-noise BT labels, train/eval split -> `pairs/<tier>/{train,eval}.jsonl`."""
     config = {**dataclasses.asdict(cfg), "prompt_tokens": prompt_tokens}
+    config["trainer"] = trainer_key(ctx.trainer, ("accelerator",))  # sampling runs on the trainer's device
 
     def body(path: Path) -> StageOutput:
         from madpo.modeling import load_causal_lm, load_tokenizer
@@ -1058,8 +1091,7 @@ def stage_reward(
         "tier": tier,
         "max_prompt_length": max_prompt_length,
         "max_length": max_length,
-        "precision": ctx.trainer.precision,
-        "accelerator": ctx.trainer.accelerator,
+        "trainer": trainer_key(ctx.trainer),
     }
 
     def body(path: Path) -> StageOutput:
@@ -1140,8 +1172,7 @@ def stage_policy(
         **dataclasses.asdict(cfg),
         "max_prompt_length": max_prompt_length,
         "max_length": max_length,
-        "precision": ctx.trainer.precision,
-        "accelerator": ctx.trainer.accelerator,
+        "trainer": trainer_key(ctx.trainer),
     }
     if not cfg.uses_margins:  # irrelevant to the loss: keep DPO/IPO/β-DPO hashes independent of the MADPO knobs
         for k in ("c_max", "c_min", "lam", "tau", "margin_noise_std", "margin_flip_fraction"):
@@ -1229,6 +1260,7 @@ def stage_evaluate(
     the stage dir and TensorBoard scalars + a text table."""
     is_sft = model.path == sft.path
     config = {**dataclasses.asdict(cfg), "n_prompts": n_prompts}
+    config["trainer"] = trainer_key(ctx.trainer, ("accelerator",))  # sampling runs on the trainer's device
     label = "evaluate-sft" if is_sft else model.label.replace("policy-", "evaluate-", 1)
     upstream = [model, oracle, pairs] if is_sft else [model, sft, oracle, pairs]
 
