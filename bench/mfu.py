@@ -1,4 +1,4 @@
-"""Model FLOPs utilisation of madpo's policy DPO step on a GPU (issue 4).
+"""Model FLOPs utilisation of madpo's policy DPO step on a GPU.
 
 A SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9 heads / 3 KV heads, intermediate 1536, vocabulary 49152, tied
 embeddings; random init, no download) in bf16 runs the policy step madpo runs: one forward over the stacked
@@ -21,12 +21,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -241,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         + (f" | peak memory {result.peak_memory_gb:.1f} GiB" if result.peak_memory_gb is not None else "")
     )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "result": asdict(result)}, indent=2))
+        from madpo.io import atomic_write_json
+
+        atomic_write_json(args.json, {"args": vars(args), "result": asdict(result)})
     return 0
 
 

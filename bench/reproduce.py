@@ -1,4 +1,5 @@
-"""The paper's IMDB table (method.md §6) reproduced offline: methods × tiers × seeds on the cached pipeline stages,
+"""The paper's IMDB table (Rho 2025, arXiv:2510.05342, main results) reproduced offline: methods × tiers × seeds on
+the cached pipeline stages,
 plus the two things the paper's table leaves out: KL beside every reward (and a reward–KL frontier), and a margin
 robustness sweep.
 
@@ -36,7 +37,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from madpo.pipeline.config import METHODS, TIER_NAMES, PipelineConfig, PolicyConfig  # noqa: E402
+from madpo.losses import with_options  # noqa: E402
+from madpo.pipeline.config import METHODS, TIER_NAMES, PipelineConfig, PolicyConfig, preset_loss  # noqa: E402
 from madpo.pipeline.run import configure_logging, parse_config  # noqa: E402
 from madpo.pipeline.stages import Pipeline, StageResult, policy_label, say, write_json_atomic  # noqa: E402
 
@@ -52,12 +54,13 @@ DEFAULT_METHODS = (
     "madpo_no_amplify",
 )
 BASELINES = ("dpo", "ipo", "beta_dpo")
-# method.md §2.7: c(|m|) ≥ 1 for |m| < τ, so amp-only (c clamped ≥ 1) is the paper's MADPO and reg-only (c clamped
-# ≤ 1, hence w = 1) is DPO on every pair with |m| < τ; they differ only where a margin reaches ±τ.
+# docs/method.md eq. (17): c(|m|) ≥ 1 for |m| < τ, so amp-only (c clamped ≥ 1) is the paper's MADPO and reg-only
+# (c clamped ≤ 1, hence w = 1) is DPO on every pair with |m| < τ; they differ only where a margin reaches ±τ.
 SAME_BELOW_TAU = {"madpo_amp_only": "madpo", "madpo_reg_only": "dpo"}
 TAU_GAP = 0.5  # margins are scored here in float32, in the runs at the trainer's precision: stay this far inside τ
 
-# method.md §6.1 (main table) and §6.3 (ablation, c = 4, τ = 7, read off plots ±0.01): mean oracle reward
+# Rho (2025), arXiv:2510.05342: the main table and the amplification/regularisation ablation (c = 4, τ = 7, read off
+# plots ±0.01): mean oracle reward
 PAPER: dict[str, dict[str, float]] = {
     "madpo": {"high": 2.23, "medium": 2.23, "low": 1.95},
     "beta_dpo": {"high": 1.67, "medium": 1.84, "low": 1.76},
@@ -193,10 +196,10 @@ def header(title: str, cfg: PipelineConfig, argv: list[str], wall: float, cells:
         f"{wall / 60:.1f} min wall; the cells' own stage times add up to {cell_time / 60:.1f} min "
         "(cached cells count the time they took when they ran).",
         f"- Pipeline output dir (every stage, manifests with timings): `{cfg.output_dir}`",
-        f"- Same hyperparameters for every method: lr {cfg.policy.lr:g}, β {cfg.policy.beta:g}, "
+        f"- Same hyperparameters for every method: lr {cfg.policy.lr:g}, β {madpo_loss(cfg.policy).beta:g}, "
         f"batch {cfg.policy.batch_size}×{cfg.policy.accumulate_grad_batches}, {cfg.policy.epochs} epochs, warmup "
-        f"{cfg.policy.warmup_ratio:g}, {cfg.policy.schedule}; MADPO c_max {cfg.policy.c_max:g}, "
-        f"τ {cfg.policy.tau:.4g}.",
+        f"{cfg.policy.warmup_ratio:g}, {cfg.policy.schedule}; MADPO c_max {madpo_loss(cfg.policy).c_max:g}, "
+        f"τ {madpo_loss(cfg.policy).tau:.4g}.",
         f"- Data: {cfg.data.n_prompts - cfg.pairs.n_eval if cfg.pairs.n_train is None else cfg.pairs.n_train} train "
         f"pairs per tier, evaluation on {cfg.n_eval_prompts} held-out prompts, {cfg.evaluate.max_new_tokens} new "
         "tokens, oracle reward in [−3, 3].",
@@ -320,8 +323,8 @@ def main_table(
         lines += ["", "## Which part of the weight carries the gain (decomposition)", ""]
         lines += [
             "w(m) amplifies hard agreeing pairs (0 < m < τ), down-weights contradicted pairs (m < 0) and damps easy "
-            "ones (m > τ). `no_downweight` clips w ≥ 1, `no_amplify` clips w ≤ 1; amp-only / reg-only as method.md "
-            "§2.7. Δ vs DPO per tier:",
+            "ones (m > τ). `no_downweight` clips w ≥ 1, `no_amplify` clips w ≤ 1; amp-only / reg-only as eq. (17) of "
+            "docs/method.md. Δ vs DPO per tier:",
             "",
             "| variant | " + " | ".join(tiers) + " |",
             "|---|" + "---|" * len(tiers),
@@ -345,9 +348,10 @@ def main_table(
                 check = f"; the MADPO run's own margins: {beyond:.0%} at or beyond ±τ"
             lines.append(
                 f"- {m} on {t} is the {extra['identical_to']} run of the same seed, not trained again: every training "
-                f"margin lies inside ±τ (max |m| = {extra['max_abs_margin']:.2f} < τ = {cfg.policy.tau:.2f}){check}, "
-                f"where its weight equals {extra['identical_to']}'s exactly (method.md §2.7). `--train-identical` "
-                "trains it anyway."
+                f"margin lies inside ±τ (max |m| = {extra['max_abs_margin']:.2f} < "
+                f"τ = {madpo_loss(cfg.policy).tau:.2f}){check}, "
+                f"where its weight equals {extra['identical_to']}'s exactly (eq. (17) of docs/method.md). "
+                "`--train-identical` trains it anyway."
             )
     lines += ["", "## Configuration", "", "```json", json.dumps(cfg.to_dict(), indent=1), "```", ""]
     lines += [
@@ -472,17 +476,21 @@ def max_abs_margins(pipe: Pipeline, opts: argparse.Namespace) -> dict[str, float
     return {t: float(np.abs(pipe.train_margins(t)).max()) for t in _list(opts.tiers)}
 
 
+def madpo_loss(policy: PolicyConfig) -> Any:
+    """The MADPOLoss the sweep's MADPO cells train with: the config's loss options carried into the madpo preset."""
+    return dataclasses.replace(policy, method="madpo").loss
+
+
 def downweight_diagnostics(pipe: Pipeline, tier: str, policy: PolicyConfig) -> dict:
     """Label quality and composition of the pairs MADPO down-weights (m < 0) vs the rest, on the tier's training
     pairs, with the weights the run's loss gives them."""
     import torch
 
-    from madpo.losses import madpo_weights
     from madpo.pipeline.stages import load_pairs
 
     m = pipe.train_margins(tier)
     rows = load_pairs(pipe.pairs(), tier, "train")
-    w = madpo_weights(torch.tensor(m), c_max=policy.c_max, c_min=policy.c_min, lam=policy.lam, tau=policy.tau).numpy()
+    w = madpo_loss(policy).weights(torch.tensor(m)).numpy()
     neg = m < 0
     right = np.array([r["oracle_chosen"] > r["oracle_rejected"] for r in rows])
     original = np.array([r["chosen_source"] == "original" for r in rows])
@@ -509,11 +517,16 @@ def plan(
     methods, tiers, seeds = _list(opts.methods), _list(opts.tiers), _list(opts.seeds, int)
     max_abs_margin = max_abs_margin or {}
 
+    fields = {f.name for f in dataclasses.fields(PolicyConfig)}
+
     def policy(**changes: Any) -> PolicyConfig:
-        return dataclasses.replace(cfg.policy, **changes)
+        """cfg.policy with some fields changed; other names (β) are options of its loss."""
+        options = {k: changes.pop(k) for k in list(changes) if k not in fields}
+        loss = with_options(cfg.policy.loss, **options) if options else cfg.policy.loss
+        return dataclasses.replace(cfg.policy, loss=loss, **changes)
 
     def table_cell(m: str, t: str, s: int) -> tuple[PolicyConfig, dict]:
-        if m in SAME_BELOW_TAU and max_abs_margin.get(t, math.inf) < cfg.policy.tau - TAU_GAP:
+        if m in SAME_BELOW_TAU and max_abs_margin.get(t, math.inf) < madpo_loss(cfg.policy).tau - TAU_GAP:
             extra = {"as_method": m, "identical_to": SAME_BELOW_TAU[m], "max_abs_margin": max_abs_margin[t]}
             return policy(method=SAME_BELOW_TAU[m], tier=t, seed=s), extra
         return policy(method=m, tier=t, seed=s), {}
@@ -608,7 +621,7 @@ def main(argv: list[str] | None = None) -> dict:
             wall = time.perf_counter() - start
             rm_acc = {
                 tier: pipe.reward(tier).stats["metrics"].get("val/accuracy")
-                for tier in {c.tier for c in cells if METHODS[c.method][0] == "madpo"}
+                for tier in {c.tier for c in cells if preset_loss(c.method).data_requirements().rm_margin}
             }
             if i == len(grid):  # the last cell: add what the down-weighting acts on (scores the margins once more)
                 down = {t: downweight_diagnostics(pipe, t, cfg.policy) for t in tiers if t in rm_acc}

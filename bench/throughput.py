@@ -1,4 +1,4 @@
-"""Policy-training throughput: madpo vs TRL's `DPOTrainer` vs a plain PyTorch loop, on the same work (issue 4).
+"""Policy-training throughput: madpo vs TRL's `DPOTrainer` vs a plain PyTorch loop, on the same work.
 
 Every contender trains the same causal LM (one seed, saved once, loaded by all), on the same tokenised preference pairs
 in the same order, with the same batch size, `max_length`, precision (fp32), optimiser (AdamW: lr, betas, eps, weight
@@ -9,7 +9,7 @@ hits all of them alike; the table reports medians.
 Contenders:
 - `trl_default`: `DPOTrainer` with a reference model evaluated every step;
 - `trl_precompute`: `DPOTrainer(precompute_ref_log_probs=True)` (TRL's fastest; a fresh cache directory per run);
-- `madpo`: `PolicyLightningModule(loss="dpo")` + `PreferenceDataModule` + `lightning.Trainer`, as a user runs it
+- `madpo`: `PolicyLightningModule(loss=DPOLoss())` + `PreferenceDataModule` + `lightning.Trainer`, as a user runs it
   (reference log-probs precomputed once by the DataModule, timed separately);
 - `madpo_grouped`: the same with `PreferenceDataModule(group_by_length=True)` (less padding; its batches hold other
   pairs, so its loss is that of another data order and only roughly comparable);
@@ -30,7 +30,7 @@ recomputes activations), `max_grad_norm=0` (no clipping anywhere), constant LR, 
 steps, `adamw_torch_fused`, its collator and fused LM head).
 
 Usage:
-    python bench/throughput.py --threads 1           # the protocol of issue 4 (~50 min on 2 loaded cores)
+    python bench/throughput.py --threads 1           # bench/results/throughput.md's protocol (~50 min)
     python bench/throughput.py --quick               # a tiny smoke run (~40 s; contenders 2 at a time, timings void)
     python bench/throughput.py --baseline-src DIR    # also madpo imported from DIR (before/after a change)
     python bench/throughput.py --profile madpo       # torch.profiler + Lightning SimpleProfiler of madpo's steps
@@ -351,11 +351,13 @@ def run_trl(workdir: Path, cfg: BenchConfig, *, precompute: bool, gradient_check
 
 
 def run_madpo(workdir: Path, cfg: BenchConfig, *, profile: bool = False, group_by_length: bool = False) -> Result:
-    """madpo as a user runs it: `PolicyLightningModule(loss="dpo")` + `PreferenceDataModule` + `lightning.Trainer`."""
+    """madpo as a user runs it: `PolicyLightningModule(loss=DPOLoss())` + `PreferenceDataModule` +
+    `lightning.Trainer`."""
     import datasets
     import lightning as L
 
     from madpo import PolicyLightningModule, PreferenceDataModule
+    from madpo.losses import DPOLoss
     from madpo.modules.base import OptimizerOptions
 
     t0 = time.perf_counter()
@@ -379,8 +381,7 @@ def run_madpo(workdir: Path, cfg: BenchConfig, *, profile: bool = False, group_b
 
     module = PolicyLightningModule(
         model_name_or_path=model_dir,
-        loss="dpo",
-        beta=cfg.beta,
+        loss=DPOLoss(beta=cfg.beta),
         optimizer=OptimizerOptions(
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,

@@ -9,6 +9,8 @@ import time
 import lightning as L
 import torch
 
+from madpo.distributed import is_initialized
+
 log = logging.getLogger(__name__)
 
 
@@ -20,7 +22,7 @@ class DestroyProcessGroup(L.Callback):
     """
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 

@@ -87,16 +87,6 @@ def find_user_error(exc: BaseException) -> tuple[BaseException, str] | None:
     return None
 
 
-def _rank() -> int:
-    """This process's global rank (0 without DDP), as Lightning sets it or as launchers export it."""
-    try:
-        from lightning.pytorch.utilities import rank_zero_only
-
-        return int(getattr(rank_zero_only, "rank", 0) or 0)
-    except ImportError:  # pragma: no cover - lightning is a dependency
-        return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-
-
 def report_user_error(exc: BaseException) -> int | None:
     """Print `madpo: error: <message>` on stderr (rank 0 only) and return the exit status, or None when `exc` is a
     bug (or `MADPO_DEBUG` is set) and should propagate with its traceback."""
@@ -105,7 +95,9 @@ def report_user_error(exc: BaseException) -> int | None:
     found = find_user_error(exc)
     if found is None:
         return None
-    if _rank() == 0:
+    from madpo.distributed import launcher_rank  # torch only once there is an error to print
+
+    if launcher_rank() == 0:
         message = found[1].strip().replace("\n", "\n  ")  # keep a multi-line message readable under the prefix
         print(f"madpo: error: {message}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR

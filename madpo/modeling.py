@@ -173,21 +173,59 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 
 
 _NO_GRAD_CHUNK_ELEMENTS = 1 << 23  # logits per chunk without autograd: 32 MiB in float32
+GRAD_CHUNK_ELEMENTS = 1 << 24
+"""Logits per chunk with autograd and a frozen head (64 MiB in float32). Up to it the head runs on all positions at
+once; above it (large batches x large vocabularies, e.g. LoRA with the head frozen) in chunks whose gradient rows are
+taken in the forward pass (`_FrozenHeadTokenLogps`), so no positions x vocabulary tensor is ever held. 0: never."""
+
+
+class _FrozenHeadTokenLogps(torch.autograd.Function):
+    """Token log-probs through a frozen head, in chunks, with d log p_t / d hidden_t taken in the forward pass.
+
+    Each position's log-prob depends on its own hidden row only, so one backward per chunk of `sum(log p)` gives every
+    row's gradient at once; backward then just scales those (N, d) rows by the upstream gradient. No logits are kept
+    and none are recomputed: the cost is that of the plain path (one head forward, one head backward), the memory one
+    chunk of logits plus the (N, d) gradient rows. The head maths (`logits_of`) are whatever the architecture does.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, logits_of: Any, step: int) -> torch.Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_rows = torch.empty_like(hidden)
+        for i in range(0, hidden.shape[0], step):
+            with torch.enable_grad():
+                chunk = hidden[i : i + step].detach().requires_grad_(True)
+                logps = _SelectiveLogSoftmax.apply(logits_of(chunk), targets[i : i + step])
+                (grad_rows[i : i + step],) = torch.autograd.grad(logps.sum(), chunk)
+            out[i : i + step] = logps.detach()
+        ctx.save_for_backward(grad_rows)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (grad_rows,) = ctx.saved_tensors
+        return grad_rows * grad.to(grad_rows.dtype)[:, None], None, None, None
 
 
 def _token_logps(inner: nn.Module, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) at each selected position, from the decoder's hidden states there (N, d) -> (N,) float32.
 
-    With autograd: the LM head on all N positions, then `_SelectiveLogSoftmax`. Without (reference scoring): the same
-    maths in chunks of positions, so scoring holds at most ~32 MiB of logits however large the batch or vocabulary.
+    With autograd: the LM head on all N positions, then `_SelectiveLogSoftmax`, or, with a frozen head and more than
+    `GRAD_CHUNK_ELEMENTS` logits, `_FrozenHeadTokenLogps` in chunks. Without (reference scoring): the same maths in
+    chunks of positions, so scoring holds at most ~32 MiB of logits however large the batch or vocabulary.
     The architecture's own head maths (logit scaling, soft-capping: `madpo.logits.head_logits`) apply in both.
     """
     logits_of = head_logits(inner, head)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    vocab = getattr(head, "out_features", None) or inner.config.get_text_config().vocab_size
     if needs_grad:
+        if not GRAD_CHUNK_ELEMENTS or hidden.shape[0] * vocab <= GRAD_CHUNK_ELEMENTS:
+            return _SelectiveLogSoftmax.apply(logits_of(hidden), targets)
+        if not any(p.requires_grad for p in head.parameters()):  # e.g. LoRA on the attention, head frozen
+            return _FrozenHeadTokenLogps.apply(hidden, targets, logits_of, max(1, GRAD_CHUNK_ELEMENTS // vocab))
+        # a trained head would need its logits recomputed in backward: measured slower than holding them
         return _SelectiveLogSoftmax.apply(logits_of(hidden), targets)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    vocab = getattr(head, "out_features", None) or inner.config.get_text_config().vocab_size
     step = max(1, _NO_GRAD_CHUNK_ELEMENTS // vocab)
     for start in range(0, hidden.shape[0], step):
         x = logits_of(hidden[start : start + step]).float()

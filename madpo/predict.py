@@ -22,7 +22,6 @@ writes one file in prompt order.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 
 from madpo.data.collate import PreferenceCollator
+from madpo.distributed import all_gather_object, barrier
 from madpo.errors import UserError
+from madpo.io import atomic_write_jsonl
 from madpo.modeling import (
     load_causal_lm,
     load_reward_model,
@@ -43,7 +44,7 @@ from madpo.modeling import (
     tokenizer_fingerprint,
 )
 from madpo.pipeline.generate import _eos_ids, _left_pad, decode_continuation
-from madpo.scoring import _all_gather, _barrier
+from madpo.serialize import format_mean_se
 
 PREDICTIONS_FILE = "predictions.jsonl"
 
@@ -246,8 +247,7 @@ def summarize_predictions(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any], path: str) -> str:
     def pm(stats: dict[str, Any]) -> str:
-        se = "n/a" if stats["se"] is None else f"{stats['se']:.6f}"
-        return f"{stats['mean']:.6f} ± {se} (SE)"
+        return format_mean_se(stats["mean"], stats["se"], 6, missing="n/a")
 
     lines = [f"[madpo] predict: n={summary['n']} completions written to {path}"]
     if summary["n"]:
@@ -261,12 +261,7 @@ def format_summary(summary: dict[str, Any], path: str) -> str:
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # a reader never sees half a file
+    atomic_write_jsonl(path, rows)  # a reader never sees half a file
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -291,10 +286,10 @@ class PredictionWriter(BasePredictionWriter):
         rows = [row for batch in predictions for row in batch]
         # trainer.log_dir broadcasts from rank 0: every rank asks, so no rank waits for the others
         path = self.path or os.path.join(trainer.log_dir or trainer.default_root_dir, PREDICTIONS_FILE)
-        gathered = _all_gather(rows)
+        gathered = all_gather_object(rows)
         if trainer.is_global_zero:
             merged = merge_predictions(gathered)
             write_jsonl(merged, path)
             self.output_path, self.summary = path, summarize_predictions(merged)
             print(format_summary(self.summary, path))
-        _barrier()
+        barrier()

@@ -2,7 +2,7 @@
 cached on disk.
 
 - `score_margins`: rm_margin = r(prompt + chosen) - r(prompt + rejected), raw float32 (no normalisation, no clipping),
-  with the reward model in `eval()` under `torch.no_grad()` (docs: method.md §3).
+  with the reward model in `eval()` under `torch.no_grad()` (docs/method.md eq. (3)).
 - `score_reference_logps`: summed completion log-probs of chosen and rejected under a frozen reference model.
 
 Both run the 2B `[chosen; rejected]` batch of `PreferenceCollator` through the shared helpers of `madpo.modeling`
@@ -13,19 +13,23 @@ every rank returns the full `(N,)` result in dataset order.
 
 `cached_columns` stores such results as safetensors files keyed by a hash of everything that determines them
 (data content, model weights, tokenizer, lengths, kind), written atomically (temp file + `os.replace`).
+
+`attach_rm_margins` / `attach_reference_logps` add the cached results to a tokenized dataset as columns (what
+`PreferenceDataModule.setup` and the pipeline call). `rm_margin` is the reward model's margin from the scorer to the
+loss (logged as `rm/margin_mean`); TRL's metric `rewards/margins` is the policy's implicit reward margin beta * h.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
-import uuid
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,39 +41,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from madpo.modeling import pair_rewards, sequence_logps
+from madpo.distributed import all_gather_object, barrier, get_rank, rank_and_world
+from madpo.io import atomic_path
+from madpo.modeling import (
+    check_reward_model_path,
+    load_reward_model,
+    load_tokenizer,
+    pair_rewards,
+    sequence_logps,
+    state_fingerprint,
+    tokenizer_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
 ForwardContext = Callable[[], AbstractContextManager]
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Distributed helpers (no-ops without an initialised process group)
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    rank, world = _dist()
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _barrier() -> None:
-    if _dist()[1] > 1:
-        torch.distributed.barrier()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -106,7 +95,7 @@ def _score(
         raise ValueError(f"{desc}: needs preference rows with columns {list(TOKEN_COLUMNS)}; missing {missing}")
     device = torch.device(device) if device is not None else _device_of(model)
     forward_context = forward_context or nullcontext
-    rank, world = _dist()
+    rank, world = rank_and_world()
     n = len(dataset)
     lo, hi = rank * n // world, (rank + 1) * n // world
     columns = dataset.select_columns(["index", *TOKEN_COLUMNS]).with_format(None)[lo:hi] if hi > lo else None
@@ -153,7 +142,7 @@ def _score(
             model.train(was_training)
     if world == 1:
         return local
-    return torch.cat(_all_gather(local), 0)  # contiguous shards in rank order = dataset order
+    return torch.cat(all_gather_object(local), 0)  # contiguous shards in rank order = dataset order
 
 
 def _margin_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -272,15 +261,8 @@ def cache_path(cache_dir: str | os.PathLike, kind: str, key_parts: dict[str, Any
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
     """`save_file` to a temporary name in the same folder, then `os.replace`: a file at `path` is always complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _try_load(path: Path, num_rows: int | None) -> dict[str, torch.Tensor] | None:
@@ -315,7 +297,7 @@ def cached_columns(
     """
     path = cache_path(cache_dir, kind, key_parts)
     loaded = _try_load(path, num_rows)
-    hit = all(_all_gather(loaded is not None))
+    hit = all(all_gather_object(loaded is not None))
     if hit:
         assert loaded is not None
         log.info("%s: cache hit %s", kind, path)
@@ -323,9 +305,185 @@ def cached_columns(
     log.info("%s: cache miss, computing %s", kind, path)
     parts = path.with_suffix(".parts")
     tensors = compute(resume_dir=parts) if resumable else compute()
-    if _dist()[0] == 0:
+    if get_rank() == 0:
         atomic_save(tensors, path, metadata={"kind": kind, "key_parts": json.dumps(key_parts, default=str)})
-    _barrier()
-    if resumable and _dist()[0] == 0:
+    barrier()
+    if resumable and get_rank() == 0:
         shutil.rmtree(parts, ignore_errors=True)
     return tensors, False
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Scored columns on a dataset (what PreferenceDataModule.setup and the pipeline call)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def scoring_context(trainer: Any | None) -> tuple[torch.device, ForwardContext | None, str]:
+    """`(device, forward_context, precision)` to score under: the trainer's root device and precision plugin when a
+    trainer is given, else CPU float32 (`"32-true"`). The precision is part of the cache key."""
+    if trainer is None:
+        return torch.device("cpu"), None, "32-true"
+    plugin = trainer.precision_plugin
+    return trainer.strategy.root_device, plugin.forward_context, str(getattr(plugin, "precision", None))
+
+
+@contextmanager
+def open_reward_model(
+    path: str, tokenizer: PreTrainedTokenizerBase, *, device: Any = "cpu", trust_remote_code: bool = False
+) -> Iterator[nn.Module]:
+    """The reward model exported at `path`, frozen, in eval mode, on `device`; freed (and the CUDA cache emptied) on
+    exit. Refuses a path that is no reward-model directory, and a reward model whose tokenizer differs from the data
+    tokenizer `tokenizer` (its margins would be read off token ids it was not trained on)."""
+    check_reward_model_path(path)
+    rm_tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if tokenizer_fingerprint(rm_tokenizer) != tokenizer_fingerprint(tokenizer):
+        raise ValueError(
+            f"the reward model's tokenizer ({path}) differs from the data tokenizer ({tokenizer.name_or_path}): "
+            "margins would be scored on token ids it was not trained on; train the reward model with the "
+            "policy's tokenizer"
+        )
+    model = load_reward_model(path, trust_remote_code=trust_remote_code).to(device).eval()
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def set_column(dataset: datasets.Dataset, name: str, values: torch.Tensor) -> datasets.Dataset:
+    """`dataset` with column `name` = `values` as float64, replacing a column of that name."""
+    if name in dataset.column_names:
+        dataset = dataset.remove_columns(name)
+    return dataset.add_column(name, values.double().tolist())
+
+
+def _attach(
+    dataset: datasets.Dataset,
+    model: nn.Module,
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    kind: str,
+    names: tuple[str, ...],
+    scorer: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    *,
+    cache_dir: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int,
+    precision: str,
+    model_fingerprint: str | None,
+    batch_size: int,
+    device: torch.device | str | None,
+    forward_context: ForwardContext | None,
+    stats: dict[str, Any] | None,
+) -> datasets.Dataset:
+    """`dataset` + the columns `names` of `scorer(model, dataset, collator, ...)`, cached under a key of everything
+    that determines them. Caches written before stay valid only while the key's contents stay as they are."""
+    key_parts = {
+        "data": data_fingerprint(dataset),
+        "model": model_fingerprint or state_fingerprint(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "precision": precision,
+    }
+
+    def compute(resume_dir: Any = None) -> dict[str, torch.Tensor]:
+        kw = {"batch_size": batch_size, "device": device, "forward_context": forward_context}
+        out = scorer(model, dataset, collator, resume_dir=resume_dir, **kw)
+        return dict(zip(names, out if isinstance(out, tuple) else (out,), strict=True))
+
+    columns, hit = cached_columns(cache_dir, kind, key_parts, compute, num_rows=len(dataset), resumable=True)
+    for name in names:
+        dataset = set_column(dataset, name, columns[name])
+    if stats is not None:
+        stats["cache"] = "hit" if hit else "miss"
+        if kind == "rm_margin":
+            stats["mean"] = float(columns["rm_margin"].mean()) if len(dataset) else float("nan")
+    return dataset
+
+
+def attach_rm_margins(
+    dataset: datasets.Dataset,
+    reward_model: nn.Module,
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    *,
+    cache_dir: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int,
+    precision: str = "32-true",
+    model_fingerprint: str | None = None,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    forward_context: ForwardContext | None = None,
+    stats: dict[str, Any] | None = None,
+) -> datasets.Dataset:
+    """`dataset` (tokenized preference rows) with an `rm_margin` column: r(chosen) - r(rejected) of `reward_model`
+    (`score_margins`; float64 values of the float32 scores), replacing any `rm_margin` the rows had.
+
+    Cached under `cache_dir` by the data's token content, the model's weights (`model_fingerprint`, default
+    `state_fingerprint(reward_model)`: pass it when scoring several splits with one model), the tokenizer's
+    fingerprint, the lengths the data was tokenized with and `precision` (see `scoring_context`); resumable chunk by
+    chunk; DDP-sharded (every rank calls it and gets every row). `stats`, when given, gets `cache` and `mean`.
+    """
+    return _attach(
+        dataset,
+        reward_model,
+        collator,
+        "rm_margin",
+        ("rm_margin",),
+        score_margins,
+        cache_dir=cache_dir,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        precision=precision,
+        model_fingerprint=model_fingerprint,
+        batch_size=batch_size,
+        device=device,
+        forward_context=forward_context,
+        stats=stats,
+    )
+
+
+def attach_reference_logps(
+    dataset: datasets.Dataset,
+    reference_model: nn.Module,
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    *,
+    cache_dir: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int,
+    precision: str = "32-true",
+    model_fingerprint: str | None = None,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    forward_context: ForwardContext | None = None,
+    stats: dict[str, Any] | None = None,
+) -> datasets.Dataset:
+    """`dataset` with `ref_chosen_logps`/`ref_rejected_logps` columns: summed completion log-probs under
+    `reference_model` (`score_reference_logps`), cached, resumable and DDP-sharded as `attach_rm_margins`. Pass the
+    module's `reference_fingerprint(model)` as `model_fingerprint` when it has one (it may leave out tensors that do
+    not change the reference's outputs). `stats`, when given, gets `cache`."""
+    return _attach(
+        dataset,
+        reference_model,
+        collator,
+        "ref_logps",
+        ("ref_chosen_logps", "ref_rejected_logps"),
+        score_reference_logps,
+        cache_dir=cache_dir,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        precision=precision,
+        model_fingerprint=model_fingerprint,
+        batch_size=batch_size,
+        device=device,
+        forward_context=forward_context,
+        stats=stats,
+    )

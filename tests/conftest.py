@@ -23,6 +23,14 @@ TINY_LLAMA = str(DATA / "tiny-llama")
 REPO = Path(__file__).parent.parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Every test module starts on one intra-op thread, whatever an earlier in-process run left behind (the
+    pipeline's `trainer.num_threads` calls `torch.set_num_threads` for the process): test files need no own copy."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> str:
     return TINY_LLAMA

@@ -12,6 +12,7 @@ import torch
 
 from madpo.callbacks import KeepBestWeights, SampleGenerations
 from madpo.cli import cli_main
+from madpo.losses import DPOLoss
 from madpo.modeling import init_reward_model, load_tokenizer
 from madpo.modules import PolicyLightningModule
 from tests.conftest import TINY_LLAMA
@@ -67,7 +68,7 @@ def test_tensorboard_shows_throughput_histograms_samples_and_hparams(tmp_path):
 
 
 def test_sample_generations_are_reproducible_and_leave_the_mode_alone():
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo")
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss())
     callback = SampleGenerations(prompts=["a", "the film"], max_new_tokens=6, seed=3)
     first = callback.generate(module)
     assert module.model.training

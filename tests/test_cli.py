@@ -50,7 +50,12 @@ def test_print_config_lists_every_option(capsys):
 def test_help_shows_docstrings(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--model.help", "madpo.PolicyLightningModule"])
-    assert "MADPO amplification intensity" in capsys.readouterr().out
+    assert "The objective and its options" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main(
+            ["fit", "--model", "madpo.PolicyLightningModule", "--model.init_args.loss.help", "madpo.losses.MADPOLoss"]
+        )
+    assert "Amplification intensity c_max" in capsys.readouterr().out
 
 
 def test_unknown_config_key_is_refused(capsys):
@@ -90,7 +95,7 @@ def test_policy_config_fits_and_logs(config, reward_model_dir, tmp_path):
     assert [s for s, _ in tags["train/loss_step"]] == [0, 1, 2] if "train/loss_step" in tags else True
     ckpt = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
-    assert all(k.startswith(("model.", "metrics.", "beta_dpo.")) for k in ckpt["state_dict"])
+    assert all(k.startswith(("model.", "metrics.", "loss.")) for k in ckpt["state_dict"])
     policy = AutoModelForCausalLM.from_pretrained(log_dir / "hf_model")
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     for name, value in policy.state_dict().items():

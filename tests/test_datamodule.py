@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import madpo.data.datamodule as dm_module
+import madpo.data.sources as sources
+import madpo.scoring as scoring
 from madpo.data import DataRequirements, PreferenceDataModule
 from madpo.data.collate import PreferenceCollator
 from madpo.modeling import init_reward_model, load_causal_lm, load_reward_model, load_tokenizer
@@ -109,10 +111,11 @@ def attach(dm, module):
     return contexts
 
 
-def counting(monkeypatch, name):
+def counting(monkeypatch, name, module=dm_module):
+    """Count the calls of `module.name` (the name as the code under test looks it up)."""
     calls = []
-    real = getattr(dm_module, name)
-    monkeypatch.setattr(dm_module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -144,7 +147,7 @@ def test_train_shuffle_is_seeded(pairs):
 
 
 def test_files_setup_is_idempotent(monkeypatch):
-    loads = counting(monkeypatch, "load_files")
+    loads = counting(monkeypatch, "load_files", sources)
     dm = PreferenceDataModule(train_files=PAIRS, val_files=str(DATA / "pairs_val.jsonl"), **SMALL)
     dm.setup("fit")
     train = dm.train_dataset
@@ -221,7 +224,7 @@ def test_rm_margin_requirement(pairs):
 
 
 def test_reward_model_margins_are_scored_and_cached(pairs, rm_dirs, tmp_path, monkeypatch, caplog):
-    calls = counting(monkeypatch, "score_margins")
+    calls = counting(monkeypatch, "score_margins", scoring)
     with_margin = pairs.add_column("rm_margin", [0.0] * 12)
 
     def setup(**kw):
@@ -260,7 +263,7 @@ def test_reward_model_must_be_a_reward_model_with_the_same_tokenizer(pairs, rm_d
 
 
 def test_reference_logps_handshake_and_cache(pairs, tmp_path, other_tokenizer_dir, monkeypatch):
-    calls = counting(monkeypatch, "score_reference_logps")
+    calls = counting(monkeypatch, "score_reference_logps", scoring)
 
     def setup(module, **kw):
         args = {**SMALL, "cache_dir": str(tmp_path / "cache"), "scoring_batch_size": 5, **kw}
@@ -323,21 +326,3 @@ def test_hub_dataset_splits(pairs, monkeypatch):
     assert calls == [("org/prefs", "train_prefs"), ("org/prefs", "test_prefs")]
     assert (len(dm.train_dataset), len(dm.val_dataset)) == (12, 3)
     assert dm.stats["val"]["sources"] == ["org/prefs[test_prefs]"]
-
-
-def test_margin_perturbation_is_seeded_counted_and_train_only(pairs):
-    margins = [float(i) - 5.5 for i in range(12)]
-    with_margin = pairs.add_column("rm_margin", margins)
-    dm = PreferenceDataModule.from_datasets(with_margin, with_margin, margin_flip_fraction=0.25, **SMALL)
-    dm.setup("fit")
-    got = dm.train_dataset["rm_margin"]
-    flipped = [i for i, (a, b) in enumerate(zip(margins, got, strict=True)) if a == -b and a != 0]
-    assert len(flipped) == 3 and dm.stats["train"]["margin_perturbation"]["flipped"] == 3
-    assert dm.val_dataset["rm_margin"] == margins  # evaluation data stays clean
-    again = PreferenceDataModule.from_datasets(with_margin, margin_flip_fraction=0.25, **SMALL)
-    again.setup("fit")
-    assert again.train_dataset["rm_margin"] == got
-    noisy = PreferenceDataModule.from_datasets(with_margin, margin_noise_std=1.0, **SMALL)
-    noisy.setup("fit")
-    diffs = torch.tensor(noisy.train_dataset["rm_margin"]) - torch.tensor(margins, dtype=torch.float64)
-    assert 0.3 < diffs.std().item() < 2.0 and (diffs != 0).all()

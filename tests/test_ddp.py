@@ -89,6 +89,6 @@ def test_ddp_with_gradient_accumulation_equals_one_large_batch(loss, tmp_path):
     params_ddp = torch.load(tmp_path / "runs/ddp/version_0/checkpoints/last.ckpt", weights_only=True)
     assert params_ddp["global_step"] == params_single["global_step"] == 3
     if loss == "beta_dpo":
-        assert int(params_ddp["state_dict"]["beta_dpo.step"]) == 3  # one EMA update per optimiser step
+        assert int(params_ddp["state_dict"]["loss.step"]) == 3  # one EMA update per optimiser step
     for key, value in params_single["state_dict"].items():
         torch.testing.assert_close(params_ddp["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)

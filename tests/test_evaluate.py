@@ -19,15 +19,6 @@ from madpo.pipeline.generate import encode_prompt, sample_continuation_ids
 from madpo.pipeline.oracle import BaseOracle
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny models on a shared 2-core machine: a second intra-op thread only adds OpenMP contention (up to 50x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_reward_summary_hand_values():
     s = reward_summary(np.array([1.0, 2.0, 3.0, 4.0]))
     sd = math.sqrt(5 / 3)  # Σ(x−2.5)² = 5, ddof 1

@@ -10,16 +10,6 @@ from madpo.pipeline.generate import (
     split_review,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny models on a shared 2-core machine: a second intra-op thread only adds OpenMP contention (up to 50x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 REVIEW = (
     "I rented I AM CURIOUS-YELLOW from my video store because of all the controversy that surrounded it "
     "when it was first released in 1967."

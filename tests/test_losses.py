@@ -1,6 +1,6 @@
 """Tests for madpo/losses.py.
 
-Expected values are computed here from the formulas of method.md (sections 1, 2, 4) with ``math`` on Python floats
+Expected values are computed here from the formulas of docs/method.md with ``math`` on Python floats
 (float64), never with the library's own functions.
 """
 
@@ -84,7 +84,7 @@ def assert_close(actual: torch.Tensor, expected: list[float], rtol: float = 1e-1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# section 1
+# eq. (2)
 
 
 def test_implicit_margin_hand_values() -> None:
@@ -94,7 +94,7 @@ def test_implicit_margin_hand_values() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# section 2.1: c(|m|)
+# eq. (14)–(15): c(|m|)
 
 
 @pytest.mark.parametrize("c_max,tau,lam", [(4.0, TAU, 1.0), (2.0, TAU, 1.0), (3.0, 2.0, 0.5), (4.0, 10.0, 2.0)])
@@ -126,7 +126,7 @@ def test_c_tends_to_c_min() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# section 2.2 / 2.4: w(m)
+# eq. (16)–(18): w(m)
 
 
 GRID = [-50.0, -TAU - 1.0, -TAU, -6.0, -3.0, -1.0, -0.1, 0.0, 0.1, 0.5, 1.0, 2.0, 4.0, 6.0, 7.0, 10.0, 30.0]
@@ -341,7 +341,7 @@ def test_beta_must_be_positive(fn) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# section 2.5: effective target margin beta h* = c(|m|) m
+# eq. (20): effective target margin beta h* = c(|m|) m
 
 
 @pytest.mark.parametrize("m", [1.5, 0.3, -2.0, 5.0, 6.5])
@@ -364,7 +364,7 @@ def test_effective_target_margin(m: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# section 4.3: beta-DPO
+# eq. (7)–(12): beta-DPO
 
 A1 = [1.0, 2.0, -0.5, 3.0, 0.25, -1.5, 2.5, 0.0]
 A2 = [4.0, 3.5, 2.0, 5.0, 1.0, 3.0, 6.0, 2.5]

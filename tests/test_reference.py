@@ -12,8 +12,9 @@ import lightning as L
 import pytest
 import torch
 
-import madpo.data.datamodule as dm_module
+import madpo.scoring as scoring
 from madpo.data import PreferenceDataModule
+from madpo.losses import DPOLoss, SFTLoss
 from madpo.modeling import sequence_logps
 from madpo.modules import LoraOptions, PolicyLightningModule
 from tests.conftest import DATA, TINY_LLAMA
@@ -45,7 +46,7 @@ def _logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 @pytest.fixture(scope="module")
 def trained_adapter(tmp_path_factory) -> str:
     """An SFT adapter that really moved the model (LoRA B away from zero)."""
-    module = PolicyLightningModule(TINY_LLAMA, loss="sft", lora=LoraOptions(r=4, alpha=8, dropout=0.0))
+    module = PolicyLightningModule(TINY_LLAMA, loss=SFTLoss(), lora=LoraOptions(r=4, alpha=8, dropout=0.0))
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in module.model.named_parameters():
@@ -59,7 +60,7 @@ def trained_adapter(tmp_path_factory) -> str:
 @pytest.mark.parametrize("reference", ["precomputed", "online"])
 def test_a_loaded_adapter_that_keeps_training_is_part_of_the_reference(trained_adapter, pairs, reference):
     lora = LoraOptions(r=4, alpha=8, dropout=0.0, adapter_path=trained_adapter, freeze_loaded_adapter=False)
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo", lora=lora, reference=reference)
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss(), lora=lora, reference=reference)
     module.setup("fit")
     batch = _batch(pairs)
     n = batch["index"].numel()
@@ -83,7 +84,7 @@ def test_a_loaded_adapter_that_keeps_training_is_part_of_the_reference(trained_a
 
 def test_a_frozen_loaded_adapter_is_merged_into_the_reference_and_a_fresh_one_is_disabled(trained_adapter, pairs):
     lora = LoraOptions(r=4, alpha=8, dropout=0.0, adapter_path=trained_adapter, freeze_loaded_adapter=True)
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo", lora=lora)
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss(), lora=lora)
     batch = _batch(pairs)
     with module.reference_model() as ref:
         reference_logps = _logps(ref, batch)
@@ -91,7 +92,7 @@ def test_a_frozen_loaded_adapter_is_merged_into_the_reference_and_a_fresh_one_is
 
 
 def test_the_online_reference_follows_the_policy_to_its_device(monkeypatch):
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo", reference="online")
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss(), reference="online")
     module.setup("validate")  # no on_fit_start: validate, test and predict never call it
     # stand in for a GPU: the module reports another device; the reference must be moved there before it is used
     monkeypatch.setattr(PolicyLightningModule, "device", property(lambda self: torch.device("meta")))
@@ -101,7 +102,7 @@ def test_the_online_reference_follows_the_policy_to_its_device(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_validate_with_an_online_reference_on_a_gpu(pairs, tmp_path):
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo", reference="online", export=False)
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss(), reference="online", export=False)
     dm = PreferenceDataModule.from_datasets(pairs, pairs, **SMALL, cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(accelerator="gpu", devices=1, logger=False, enable_progress_bar=False)
     (metrics,) = trainer.validate(module, datamodule=dm)
@@ -111,12 +112,12 @@ def test_validate_with_an_online_reference_on_a_gpu(pairs, tmp_path):
 
 def test_reference_cache_is_shared_across_fresh_adapter_seeds(pairs, tmp_path, monkeypatch):
     calls = []
-    real = dm_module.score_reference_logps
-    monkeypatch.setattr(dm_module, "score_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = scoring.score_reference_logps
+    monkeypatch.setattr(scoring, "score_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def setup(seed: int) -> PreferenceDataModule:
         torch.manual_seed(seed)  # a fresh adapter's A matrices are random: another seed, other A
-        module = PolicyLightningModule(TINY_LLAMA, loss="dpo", lora=LoraOptions(r=4, alpha=8, dropout=0.0))
+        module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss(), lora=LoraOptions(r=4, alpha=8, dropout=0.0))
         dm = PreferenceDataModule.from_datasets(pairs, **SMALL, cache_dir=str(tmp_path / "cache"))
         dm.trainer = SimpleNamespace(
             lightning_module=module,

@@ -18,6 +18,8 @@ from madpo.data.formats import load_in_memory
 from madpo.data.tokenize import tokenize_dataset
 from madpo.modeling import init_reward_model, load_causal_lm, load_tokenizer, pair_rewards, sequence_logps
 from madpo.scoring import (
+    attach_reference_logps,
+    attach_rm_margins,
     cache_key,
     cache_path,
     cached_columns,
@@ -99,6 +101,49 @@ def test_margins_equal_per_pair_computation(rm, ds, collator):
             r_r = pair_rewards(rm, *single(row, "rejected_ids")[:2])
             torch.testing.assert_close(margins[i], (r_c - r_r)[0], rtol=1e-5, atol=1e-5)
     assert margins.std() > 0  # raw, not normalised away
+
+
+def counted(monkeypatch, name):
+    calls = []
+    real = getattr(scoring, name)
+    monkeypatch.setattr(scoring, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_attach_rm_margins_equals_per_pair_rewards_and_hits_the_cache(rm, tok, ds, collator, tmp_path, monkeypatch):
+    calls = counted(monkeypatch, "score_margins")
+    args = {"cache_dir": tmp_path, "tokenizer": tok, "max_length": 80, "max_prompt_length": 16, "batch_size": 3}
+    with_margin = ds.add_column("rm_margin", [9.0] * N)  # replaced
+    stats = {}
+    out = attach_rm_margins(with_margin, rm, collator, stats=stats, **args)
+    assert out.column_names == [*ds.column_names, "rm_margin"] and len(calls) == 1
+    assert stats["cache"] == "miss" and stats["mean"] == pytest.approx(sum(out["rm_margin"]) / N, rel=1e-5)
+    with torch.no_grad():
+        for i, row in enumerate(ds):
+            r_c = pair_rewards(rm, *single(row, "chosen_ids")[:2])
+            r_r = pair_rewards(rm, *single(row, "rejected_ids")[:2])
+            assert out["rm_margin"][i] == pytest.approx((r_c - r_r)[0].item(), rel=1e-5, abs=1e-5)
+    again_stats = {}
+    again = attach_rm_margins(ds, rm, collator, stats=again_stats, **args)
+    assert len(calls) == 1 and again_stats["cache"] == "hit" and again["rm_margin"] == out["rm_margin"]
+    attach_rm_margins(ds, rm, collator, **{**args, "precision": "bf16-mixed"})  # another key part: scored again
+    assert len(calls) == 2
+    assert len(list(Path(tmp_path).glob("rm_margin-*.safetensors"))) == 2
+
+
+def test_attach_reference_logps_uses_the_given_fingerprint(lm, tok, ds, collator, tmp_path, monkeypatch):
+    calls = counted(monkeypatch, "score_reference_logps")
+    args = {"cache_dir": tmp_path, "tokenizer": tok, "max_length": 80, "max_prompt_length": 16, "batch_size": 4}
+    stats = {}
+    out = attach_reference_logps(ds, lm, collator, model_fingerprint="ref-a", stats=stats, **args)
+    chosen, rejected = score_reference_logps(lm, ds, collator, batch_size=4, progress=False)  # not counted
+    assert out["ref_chosen_logps"] == chosen.double().tolist()
+    assert out["ref_rejected_logps"] == rejected.double().tolist()
+    assert stats == {"cache": "miss"} and len(calls) == 1
+    attach_reference_logps(ds, lm, collator, model_fingerprint="ref-a", stats=stats, **args)
+    assert stats == {"cache": "hit"} and len(calls) == 1
+    attach_reference_logps(ds, lm, collator, model_fingerprint="ref-b", **args)
+    assert len(calls) == 2
 
 
 def test_sorting_by_length_keeps_dataset_order(lm, ds, collator):

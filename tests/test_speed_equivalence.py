@@ -20,6 +20,7 @@ from madpo import losses as L
 from madpo.data import PreferenceDataModule
 from madpo.data.datamodule import LengthGroupedSampler, length_grouped_order, row_lengths
 from madpo.data.loader import ResumableSampler
+from madpo.losses import DPOLoss
 from madpo.modeling import _SelectiveLogSoftmax, load_causal_lm, sequence_logps
 from madpo.modules import PolicyLightningModule
 from madpo.modules.base import OptimizerOptions, _fused_adamw_supported
@@ -162,7 +163,7 @@ def test_sequence_logps_with_final_logit_softcapping():
 
 
 def test_policy_dpo_loss_equals_straightforward_computation():
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo", beta=0.1)
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss(beta=0.1))
     batch = _batch()
     n = batch["index"].numel()
     with module.reference_model() as ref, torch.no_grad():
@@ -205,7 +206,7 @@ def test_fused_adamw_update_equals_loop_implementation():
 
 
 def test_configure_optimizers_uses_fused_adamw_where_available():
-    module = PolicyLightningModule(TINY_LLAMA, loss="dpo", optimizer=OptimizerOptions(schedule="constant"))
+    module = PolicyLightningModule(TINY_LLAMA, loss=DPOLoss(), optimizer=OptimizerOptions(schedule="constant"))
     trainer = {"estimated_stepping_batches": 10, "precision": "32-true", "gradient_clip_val": None}
     module.trainer = type("T", (), trainer)()  # what configure_optimizers reads from the Trainer
     expected = _fused_adamw_supported([p for p in module.parameters() if p.requires_grad])

@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -19,6 +19,7 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from madpo.data.requirements import DataRequirements
 from madpo.errors import UserError
 from madpo.modeling import load_tokenizer
+from madpo.serialize import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,8 @@ class PairwiseModule(L.LightningModule):
         """The run's hyperparameters beside its final validation metrics (TensorBoard's HPARAMS tab)."""
         metrics = _final_metrics(self.trainer)
         if metrics and self.logger is not None:
-            self.logger.log_hyperparams(_jsonable(dict(self.hparams)), {f"hparams/{k}": v for k, v in metrics.items()})
+            hparams = jsonable(dict(self.hparams), default=str)
+            self.logger.log_hyperparams(hparams, {f"hparams/{k}": v for k, v in metrics.items()})
 
     def default_export_dir(self) -> str | None:
         if self._trainer is None:
@@ -275,7 +277,7 @@ class PairwiseModule(L.LightningModule):
         card = {
             "library": "madpo",
             "module": type(self).__name__,
-            "hparams": _jsonable(dict(self.hparams)),
+            "hparams": jsonable(dict(self.hparams), default=str),
             "metrics": metrics,
         }
         with open(os.path.join(out_dir, "README.md"), "w") as f:
@@ -311,15 +313,3 @@ def _fused_adamw_supported(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(
         p.device.type in devices and torch.is_floating_point(p) and not p.is_sparse for p in params
     )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "__dataclass_fields__"):
-        return _jsonable(asdict(value))
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

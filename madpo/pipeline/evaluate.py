@@ -1,4 +1,4 @@
-"""Evaluation of a policy (method.md §5.5, plus a KL estimate the paper leaves out).
+"""Evaluation of a policy (docs/method.md eq. (38), plus the KL estimate of eq. (39), which the paper leaves out).
 
 One sampled continuation per eval prompt, scored by the oracle on prompt + continuation (as the paper scores the
 decoded full sequence): the mean oracle reward with its standard error SD/√n (ddof 1) and 95 % interval ±1.96·SE,
@@ -8,7 +8,6 @@ exact token ids, EOS included where sampled), summed over continuation tokens wi
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,10 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from madpo.io import atomic_write_json, atomic_write_text
 from madpo.modeling import sequence_logps
 from madpo.pipeline.generate import decode_continuation, encode_prompt, sample_continuation_ids
 from madpo.pipeline.oracle import checked_scores
-from madpo.pipeline.serialize import jsonable as _jsonable
+from madpo.serialize import format_mean_se
+from madpo.serialize import format_number as _fmt
 
 Z95 = 1.96
 
@@ -193,14 +194,6 @@ def evaluate_policy(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _cell(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     text = text if len(text) <= limit else text[: limit - 1] + "…"
@@ -212,13 +205,13 @@ def results_markdown(results: dict) -> str:
     lines = ["| metric | value |", "|---|---|"]
     reward = results.get("reward") or {}
     if reward:
-        lines.append(f"| mean oracle reward | {_fmt(reward.get('mean'))} ± {_fmt(reward.get('se'))} (SE) |")
+        lines.append(f"| mean oracle reward | {format_mean_se(reward.get('mean'), reward.get('se'))} |")
         lines.append(f"| 95 % interval | [{_fmt(reward.get('ci95_low'))}, {_fmt(reward.get('ci95_high'))}] |")
         lines.append(f"| SD | {_fmt(reward.get('sd'))} |")
         lines.append(f"| n | {_fmt(reward.get('n'))} |")
     kl = results.get("kl")
     if kl:
-        lines.append(f"| KL(policy‖reference), nats | {_fmt(kl.get('mean'))} ± {_fmt(kl.get('se'))} (SE) |")
+        lines.append(f"| KL(policy‖reference), nats | {format_mean_se(kl.get('mean'), kl.get('se'))} |")
         lines.append(f"| mean continuation tokens | {_fmt(kl.get('mean_tokens'), 1)} |")
     oracle = results.get("oracle") or {}
     if oracle:
@@ -235,12 +228,12 @@ def results_markdown(results: dict) -> str:
 
 
 def write_results(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write `results.json` (NaN/inf → null) and `results.md`; returns their paths."""
+    """Write `results.json` (NaN/inf → null) and `results.md`, each atomically; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "results.json", out / "results.md"
-    json_path.write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
-    md_path.write_text(results_markdown(results))
+    atomic_write_json(json_path, results)
+    atomic_write_text(md_path, results_markdown(results))
     return json_path, md_path
 
 

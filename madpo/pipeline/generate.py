@@ -1,4 +1,4 @@
-"""Prompts from reviews and sampled continuations from a causal LM (method.md §5.3 steps 1–2, §5.5).
+"""Prompts from reviews and sampled continuations from a causal LM (docs/method.md §IMDB protocol).
 
 Prompts are encoded as madpo encodes them everywhere: BOS (if the tokenizer has one) followed by the prompt's tokens
 without other special tokens; batches are LEFT-padded so every row's continuation starts at the same position.

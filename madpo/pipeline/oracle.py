@@ -1,7 +1,7 @@
 """Oracles: the ground-truth sentiment rewards r*(text) ∈ [−3, 3] that label pairs and evaluate policies.
 
 An oracle is never the reward model; it plays the role of the paper's `cardiffnlp/twitter-roberta-base-sentiment-latest`
-with the same mapping r* = 6·(P(positive) − 0.5) (method.md §5.1). Implementations:
+with the same mapping r* = 6·(P(positive) − 0.5) (docs/method.md eq. (34)). Implementations:
 
 - `TfidfOracle` (offline default): TF-IDF 1–2-grams + logistic regression trained on labelled IMDB reviews in seconds;
   cached on disk **without pickle** (vocabulary json + float arrays npz), its held-out accuracy recorded.

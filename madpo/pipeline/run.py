@@ -7,6 +7,7 @@ every stage. The table is printed and written to `<output_dir>/results.md` and `
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shlex
@@ -17,8 +18,10 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
+from madpo.io import atomic_write_json, atomic_write_text
+from madpo.losses import loss_config
 from madpo.pipeline.config import PipelineConfig
-from madpo.pipeline.stages import Pipeline, StageError, StageResult, quiet_libraries, say, write_json_atomic
+from madpo.pipeline.stages import Pipeline, StageError, StageResult, quiet_libraries, say
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ def summarize(pipe: Pipeline, done: dict[str, StageResult], wall_seconds: float,
     pairs = done["pairs"].stats
     tier = cfg.policy.tier
     rows = [model_row("SFT (reference)", done["evaluate_sft"])]
-    method = f"{cfg.policy.method} (tier {tier}, seed {cfg.policy.seed})"
+    method = f"{cfg.policy.name} (tier {tier}, seed {cfg.policy.seed})"
     rows.append(model_row(method, done["evaluate"]))
     sft_row, pol_row = rows
     gain = pol_row["mean"] - sft_row["mean"]
@@ -177,7 +180,7 @@ def summarize(pipe: Pipeline, done: dict[str, StageResult], wall_seconds: float,
     fit_args = [
         "python cli.py fit -c configs/tiny/madpo.yaml",
         f"--model.init_args.model_name_or_path {done['sft'].output('model')}",
-        f"--model.init_args.loss {cfg.policy.loss} --model.init_args.variant {cfg.policy.variant}",
+        f"--model.init_args.loss {shlex.quote(json.dumps(loss_config(cfg.policy.loss)))}",
         f"--model.init_args.optimizer.lr {cfg.policy.lr:g}",
         f"--data.train_files {pairs_dir / 'train.jsonl'} --data.val_files {pairs_dir / 'eval.jsonl'}",
         f"--data.max_length {cfg.pair_max_length} --data.max_prompt_length {cfg.max_prompt_length}",
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(cfg.trainer.num_threads)
     start = time.perf_counter()
     pipe = Pipeline(cfg)
-    say(f"pipeline: output_dir={cfg.output_dir}, policy {cfg.policy.method} on tier {cfg.policy.tier}")
+    say(f"pipeline: output_dir={cfg.output_dir}, policy {cfg.policy.name} on tier {cfg.policy.tier}")
     try:
         done = pipe.run()
     except StageError as e:
@@ -242,8 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {"stages": done}
     summary = summarize(pipe, done, wall, argv)
     out = Path(cfg.output_dir)
-    (out / "results.md").write_text(summary["markdown"])
-    write_json_atomic(out / "results.json", {k: v for k, v in summary.items() if k != "markdown"})
+    atomic_write_text(out / "results.md", summary["markdown"])
+    atomic_write_json(out / "results.json", {k: v for k, v in summary.items() if k != "markdown"})
     print()
     print(summary["markdown"])
     say(f"results written to {out / 'results.md'} and {out / 'results.json'} ({wall:.1f} s)")

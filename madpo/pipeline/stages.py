@@ -28,6 +28,7 @@ exception inside a stage is re-raised as `StageError("stage <name>: ...")`, keep
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -47,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from madpo.io import atomic_write_json, atomic_write_jsonl
+from madpo.losses import DEFAULT_TAU, class_path
 from madpo.pipeline.config import (
     TIER_NAMES,
     BaseModelConfig,
@@ -60,7 +63,6 @@ from madpo.pipeline.config import (
     SftConfig,
     TrainerConfig,
 )
-from madpo.pipeline.serialize import jsonable as _jsonable
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +161,8 @@ def stage_key(name: str, config: dict, upstream: Sequence[StageResult]) -> str:
     return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=6).hexdigest()
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temp file beside `path`, then rename it into place (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+write_json_atomic = atomic_write_json
+"""JSON through a temporary file and a rename: readers never see half a file."""
 
 
 def say(message: str) -> None:
@@ -345,13 +344,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+write_jsonl = atomic_write_jsonl
 
 
 def check_prompt_lengths(prompts: Sequence[str], tokenizer: Any, max_prompt_length: int, what: str) -> None:
@@ -715,6 +708,7 @@ def stage_base_model(ctx: Context, cfg: BaseModelConfig, reviews: StageResult, t
 
     def from_scratch(path: Path) -> StageOutput:
         from madpo.data import PreferenceDataModule
+        from madpo.losses import SFTLoss
         from madpo.modeling import build_causal_lm, load_tokenizer
         from madpo.modules.policy import PolicyLightningModule
 
@@ -745,7 +739,7 @@ def stage_base_model(ctx: Context, cfg: BaseModelConfig, reviews: StageResult, t
 
         module = PolicyLightningModule(
             str(init),
-            loss="sft",
+            loss=SFTLoss(),
             optimizer=_optimizer(ctx, cfg.lm_lr, cfg.lm_warmup_ratio),
             export_dir=str(path / "model"),
         )
@@ -798,6 +792,7 @@ def stage_sft(ctx: Context, cfg: SftConfig, prompt_tokens: int, reviews: StageRe
 
     def body(path: Path) -> StageOutput:
         from madpo.data import PreferenceDataModule
+        from madpo.losses import SFTLoss
         from madpo.modeling import load_tokenizer
         from madpo.modules.policy import PolicyLightningModule
         from madpo.pipeline.generate import split_review
@@ -823,7 +818,7 @@ def stage_sft(ctx: Context, cfg: SftConfig, prompt_tokens: int, reviews: StageRe
         check_prompt_lengths([r["prompt"] for r in train + val], tok, max_prompt, "sft review")
         module = PolicyLightningModule(
             base_path,
-            loss="sft",
+            loss=SFTLoss(),
             optimizer=_optimizer(ctx, cfg.lr, cfg.warmup_ratio),
             lora=cfg.lora,
             export=cfg.lora is None,
@@ -1075,6 +1070,84 @@ def margin_stats(margins: Sequence[float], index: Sequence[int], rows: Sequence[
     }
 
 
+def _trainer_scoring_context(ctx: Context) -> tuple[Any, Any, str]:
+    """The (device, forward context, precision) that `fit`'s Trainer gives the DataModule's scoring, read off a
+    Trainer built with the same accelerator, devices and precision: margins scored before `fit` then equal, and share
+    the cache of, margins the DataModule would score inside it."""
+    import lightning as L
+
+    from madpo.scoring import scoring_context
+
+    _quiet_lightning()
+    trainer = L.Trainer(
+        accelerator=ctx.trainer.accelerator,
+        devices=ctx.trainer.devices,
+        precision=ctx.trainer.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return scoring_context(trainer)
+
+
+def score_rm_margins(
+    ctx: Context,
+    reward: StageResult,
+    tok: Any,
+    splits: dict[str, Any],
+    lengths: tuple[int, int],
+    *,
+    under_trainer: bool,
+) -> tuple[dict[str, Any], dict[str, dict]]:
+    """`(tokenized, stats)`: each split of text pairs tokenized as `PreferenceDataModule` tokenizes it, with the
+    reward model's `rm_margin` (`madpo.scoring.attach_rm_margins`, the stages' scoring cache), and its scoring stats
+    (`source`, `cache`, `mean`). `under_trainer`: on the device and at the precision of the stage's Trainer (what the
+    policy reads), else on the CPU in float32."""
+    from madpo.data.collate import PreferenceCollator
+    from madpo.data.formats import load_in_memory
+    from madpo.data.tokenize import tokenize_dataset
+    from madpo.modeling import state_fingerprint
+    from madpo.scoring import attach_rm_margins, open_reward_model, scoring_context
+
+    max_prompt_length, max_length = lengths
+    device, forward_context, precision = _trainer_scoring_context(ctx) if under_trainer else scoring_context(None)
+    path = reward.output("model")
+    tokenized: dict[str, Any] = {}
+    stats: dict[str, dict] = {}
+    with open_reward_model(path, tok, device=device) as reward_model:
+        model_fingerprint = state_fingerprint(reward_model)
+        for split, rows in splits.items():
+            ds, _ = tokenize_dataset(
+                load_in_memory(rows), tok, max_length=max_length, max_prompt_length=max_prompt_length, split=split
+            )
+            stats[split] = {"source": f"reward_model={path}"}
+            tokenized[split] = attach_rm_margins(
+                ds,
+                reward_model,
+                PreferenceCollator(tok.pad_token_id),
+                cache_dir=ctx.cache_dir,
+                tokenizer=tok,
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                precision=precision,
+                model_fingerprint=model_fingerprint,
+                device=device,
+                forward_context=forward_context,
+                stats=stats[split],
+            )
+    return tokenized, stats
+
+
+def _with_rm_margin(rows: Any, index: Sequence[int], rm_margin: Sequence[float]) -> Any:
+    """Text pairs `rows` with an `rm_margin` column: `rm_margin[k]` on row `index[k]` (the tokenized rows' `index`).
+    A row tokenization dropped gets 0.0: the DataModule tokenizes identically, so drops it again."""
+    values = [0.0] * len(rows)
+    for i, m in zip(index, rm_margin, strict=True):
+        values[i] = float(m)
+    return rows.add_column("rm_margin", values)
+
+
 def stage_reward(
     ctx: Context,
     cfg: RewardConfig,
@@ -1148,7 +1221,7 @@ def stage_reward(
 
 
 def policy_label(cfg: PolicyConfig) -> str:
-    label = f"policy-{cfg.method}-{cfg.tier}-s{cfg.seed}"
+    label = f"policy-{cfg.name}-{cfg.tier}-s{cfg.seed}"
     if cfg.margin_noise_std or cfg.margin_flip_fraction:
         label += f"-noise{cfg.margin_noise_std:g}-flip{cfg.margin_flip_fraction:g}"
     return label
@@ -1162,20 +1235,23 @@ def stage_policy(
     pairs: StageResult,
     reward: StageResult | None,
 ) -> StageResult:
-    """The policy: `PolicyLightningModule(loss, variant)` from the SFT model (also the reference, its log-probs
+    """The policy: `PolicyLightningModule(loss)` from the SFT model (also the reference, its log-probs
     precomputed by the DataModule), on the tier's training pairs; MADPO methods read the tier's reward-model
     margins (optionally perturbed for robustness runs). Same hyperparameters for every method."""
     if cfg.uses_margins and reward is None:
-        raise StageError(f"stage policy: method {cfg.method} needs the tier's reward model")
+        raise StageError(f"stage policy: method {cfg.name} needs the tier's reward model")
     max_prompt_length, max_length = lengths
+    # the loss enters as its class and its own options only (`method` is a preset that chose them), so a DPO key
+    # never holds MADPO knobs
     config = {
-        **dataclasses.asdict(cfg),
+        **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("method", "loss")},
+        "loss": {"class": class_path(cfg.loss), **cfg.loss.init_args()},
         "max_prompt_length": max_prompt_length,
         "max_length": max_length,
         "trainer": trainer_key(ctx.trainer),
     }
-    if not cfg.uses_margins:  # irrelevant to the loss: keep DPO/IPO/β-DPO hashes independent of the MADPO knobs
-        for k in ("c_max", "c_min", "lam", "tau", "margin_noise_std", "margin_flip_fraction"):
+    if not cfg.uses_margins:  # the margins' perturbation is irrelevant to a loss that reads no margins
+        for k in ("margin_noise_std", "margin_flip_fraction"):
             config.pop(k)
     upstream = [sft, pairs] + ([reward] if cfg.uses_margins and reward is not None else [])
 
@@ -1183,6 +1259,7 @@ def stage_policy(
         from madpo.data import PreferenceDataModule
         from madpo.modeling import load_tokenizer
         from madpo.modules.policy import PolicyLightningModule
+        from madpo.pipeline.margins import perturb_margins
 
         _seed(cfg.seed)
         sft_path = sft.output("model")
@@ -1191,30 +1268,37 @@ def stage_policy(
         n_train = len(train_rows)
         module = PolicyLightningModule(
             sft_path,
-            loss=cfg.loss,  # type: ignore[arg-type]
-            variant=cfg.variant,  # type: ignore[arg-type]
-            beta=cfg.beta,
-            c_max=cfg.c_max,
-            c_min=cfg.c_min,
-            lam=cfg.lam,
-            tau=cfg.tau,
+            loss=copy.deepcopy(cfg.loss),  # a fresh copy: a stateful loss (β-DPO's EMAs) starts from zero
             optimizer=_optimizer(ctx, cfg.lr, cfg.warmup_ratio, cfg.schedule),
             lora=cfg.lora,
             export=cfg.lora is None,
             export_dir=str(path / "model"),
         )
+        margin_data: dict[str, dict] = {}
+        if cfg.uses_margins and reward is not None:
+            # scored here rather than by the DataModule, so that a robustness run perturbs the training margins
+            # before the DataModule reads them; the validation margins stay clean
+            splits = {"train": train, **({"val": val} if val is not None else {})}
+            scored, scoring = score_rm_margins(ctx, reward, tok, splits, lengths, under_trainer=True)
+            margin_data = {split: {"rm_margin": split_stats} for split, split_stats in scoring.items()}
+            rm_margin = scored["train"]["rm_margin"]
+            if cfg.margin_noise_std or cfg.margin_flip_fraction:
+                rm_margin, margin_data["train"]["margin_perturbation"] = perturb_margins(
+                    rm_margin, noise_std=cfg.margin_noise_std, flip_fraction=cfg.margin_flip_fraction, seed=cfg.seed
+                )
+                say(f"policy: training rm_margin perturbed: {margin_data['train']['margin_perturbation']}")
+            train = _with_rm_margin(train, scored["train"]["index"], rm_margin)
+            if val is not None:
+                val = _with_rm_margin(val, scored["val"]["index"], scored["val"]["rm_margin"])
         dm = PreferenceDataModule.from_datasets(
             train,
             val,
             tokenizer=sft_path,
-            reward_model=reward.output("model") if cfg.uses_margins and reward is not None else None,
             max_length=max_length,
             max_prompt_length=max_prompt_length,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
             cache_dir=str(ctx.cache_dir),
-            margin_noise_std=cfg.margin_noise_std,
-            margin_flip_fraction=cfg.margin_flip_fraction,
         )
         result = fit(
             ctx,
@@ -1231,9 +1315,13 @@ def stage_policy(
         if cfg.lora is not None:
             module.export(str(path / "model"), merge_adapter=True)
         stats = {"n_train": n_train, "n_val": n_val, **result}
+        for split, extra in margin_data.items():  # beside the DataModule's own counts, where it put them before
+            stats["data"].setdefault(split, {}).update(extra)
         ds = dm.train_dataset
         if cfg.uses_margins and ds is not None and "rm_margin" in ds.column_names:
-            stats["margins"] = margin_stats(ds["rm_margin"], ds["index"], train_rows, cfg.tau)
+            stats["margins"] = margin_stats(
+                ds["rm_margin"], ds["index"], train_rows, getattr(cfg.loss, "tau", DEFAULT_TAU)
+            )
             say(f"policy: reward-model margins on the training pairs: {stats['margins']}")
         return StageOutput({"model": "model"}, stats)
 
@@ -1384,25 +1472,16 @@ class Pipeline:
         )
 
     def train_margins(self, tier: str) -> np.ndarray:
-        """The tier's reward-model margins m = r(chosen) − r(rejected) on its training pairs, scored as the policy
-        stage scores them (same data pipeline and scoring cache; float32 outside a Trainer)."""
-        from madpo.data import PreferenceDataModule
+        """The tier's reward-model rm_margin = r(chosen) − r(rejected) on its training pairs, tokenized as the
+        policy stage tokenizes them and scored into the same cache (float32 on the CPU, not under a Trainer)."""
         from madpo.modeling import load_tokenizer
 
-        max_prompt_length, max_length = self.lengths
-        sft_path = self.sft().output("model")
-        train, _, _, _ = _pair_data(self.pairs(), tier, 0, load_tokenizer(sft_path), max_prompt_length)
-        dm = PreferenceDataModule.from_datasets(
-            train,
-            None,
-            tokenizer=sft_path,
-            reward_model=self.reward(tier).output("model"),
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            cache_dir=str(self.ctx.cache_dir),
+        tok = load_tokenizer(self.sft().output("model"))
+        train, _, _, _ = _pair_data(self.pairs(), tier, 0, tok, self.lengths[0])
+        scored, _ = score_rm_margins(
+            self.ctx, self.reward(tier), tok, {"train": train}, self.lengths, under_trainer=False
         )
-        dm.setup("fit")
-        return np.asarray(dm.train_dataset["rm_margin"], dtype=np.float64)
+        return np.asarray(scored["train"]["rm_margin"], dtype=np.float64)
 
     def policy(self, cfg: PolicyConfig | None = None) -> StageResult:
         cfg = cfg or self.cfg.policy

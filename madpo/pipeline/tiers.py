@@ -1,4 +1,5 @@
-"""The paper's three preference-data quality tiers and their Gumbel-noise Bradley–Terry labels (method.md §5.3).
+"""The paper's three preference-data quality tiers and their Gumbel-noise Bradley–Terry labels (docs/method.md
+eq. (35)–(36)).
 
 Per prompt i there are two policy samples (y1, y2) and the original negative review y_orig, all scored by the oracle:
 - **high**: (sample 1, sample 2) for every row (on-policy, small oracle gaps);

@@ -2,7 +2,7 @@
 
 Pure maths on tensors. Every function takes per-pair tensors of shape (B,) and returns per-pair values of shape (B,);
 the caller reduces with ``.mean()`` (with equal per-rank batches, DDP's average of per-rank means is the global mean).
-Formulas follow ``method.md`` (sections 1, 2 and 4); the equation each function implements sits in its docstring.
+Formulas follow ``docs/method.md`` (eq. (1)–(30)); the equation each function implements sits in its docstring.
 
 Notation:
     h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]    implicit margin
@@ -10,8 +10,6 @@ Notation:
 """
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -66,7 +64,7 @@ def _resolve_c_min(c_max: float, c_min: float | None, lam: float, tau: float) ->
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# section 1: implicit margin
+# eq. (2): implicit margin
 
 
 def implicit_margin(
@@ -83,7 +81,7 @@ def implicit_margin(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# section 2: MADPO
+# eq. (13)–(19): MADPO
 
 
 def amplification_coefficient(
@@ -94,7 +92,7 @@ def amplification_coefficient(
     lam: float = 1.0,
     tau: float = DEFAULT_TAU,
 ) -> Tensor:
-    """Section 2.1: c(|m|) = c_min + (c_max - c_min) / (1 + K exp(lam (|m| - tau))),  K = (c_max - 1) / (1 - c_min).
+    """Eq. (14)–(15): c(|m|) = c_min + (c_max - c_min) / (1 + K exp(lam (|m| - tau))),  K = (c_max - 1) / (1 - c_min).
 
     Decreasing in |m|, c(tau) = 1, c -> c_min as |m| -> inf. ``c_min=None`` means 1 / c_max. ``c_max == 1`` is c == 1
     (the formula would be 0/0). For huge |m| the exp overflows to inf and c is exactly c_min (no NaN).
@@ -159,7 +157,7 @@ def madpo_losses_and_weights(
     tau: float = DEFAULT_TAU,
     variant: Variant = "full",
 ) -> tuple[Tensor, Tensor]:
-    """Section 2: l_i = w(m_i) * (-log sigma(beta h_i)); returns (losses, weights), both (B,).
+    """Eq. (13): l_i = w(m_i) * (-log sigma(beta h_i)); returns (losses, weights), both (B,).
 
     The batch loss is the plain mean ``losses.mean()`` (not divided by sum(w)), as in the paper. The weights are
     returned for logging (mean/min/max); they are detached and float32 (float64 for float64 margins), so the losses
@@ -185,7 +183,7 @@ def madpo_losses(
     tau: float = DEFAULT_TAU,
     variant: Variant = "full",
 ) -> Tensor:
-    """Section 2: l_i = w(m_i) * (-log sigma(beta h_i)), shape (B,). ``madpo_losses_and_weights`` also gives w."""
+    """Eq. (13): l_i = w(m_i) * (-log sigma(beta h_i)), shape (B,). ``madpo_losses_and_weights`` also gives w."""
     losses, _ = madpo_losses_and_weights(
         policy_chosen_logps,
         policy_rejected_logps,
@@ -203,7 +201,7 @@ def madpo_losses(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# section 4: baselines
+# eq. (4)–(6), (21): baselines and the reward model
 
 
 def dpo_losses(
@@ -214,7 +212,7 @@ def dpo_losses(
     *,
     beta: float = 0.1,
 ) -> Tensor:
-    """Section 4.1: l_i = -log sigma(beta h_i) = softplus(-beta h_i), shape (B,).
+    """Eq. (4): l_i = -log sigma(beta h_i) = softplus(-beta h_i), shape (B,).
 
     Written as -logsigmoid, which is exact everywhere (F.softplus switches to the linear branch above its threshold).
     """
@@ -231,7 +229,7 @@ def ipo_losses(
     *,
     beta: float = 0.1,
 ) -> Tensor:
-    """Section 4.2: l_i = (h_i - 1 / (2 beta))^2, shape (B,).
+    """Eq. (5): l_i = (h_i - 1 / (2 beta))^2, shape (B,).
 
     The caller chooses the form: summed log-probs (paper parity) or log-probs divided by the completion token count.
     """
@@ -243,7 +241,7 @@ def ipo_losses(
 def bradley_terry_losses(
     chosen_rewards: Tensor, rejected_rewards: Tensor, *, target_margin: float | Tensor | None = None
 ) -> Tensor:
-    """Section 3: l_i = -log sigma(r_w - r_l - target_margin), shape (B,). ``target_margin`` is a float or (B,)."""
+    """Eq. (21): l_i = -log sigma(r_w - r_l - target_margin), shape (B,). ``target_margin`` is a float or (B,)."""
     if isinstance(target_margin, Tensor):
         _check_pairs(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, target_margin=target_margin)
     else:
@@ -252,197 +250,6 @@ def bradley_terry_losses(
     if target_margin is not None:
         logits = logits - target_margin
     return -F.logsigmoid(logits)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# section 4.3: beta-DPO (Wu et al. 2024), as in the official code, with the port pitfalls handled
-
-
-@dataclass
-class BetaDPOOutput:
-    """What ``BetaDPO.forward`` returns. All 0-dim values are detached."""
-
-    losses: Tensor  # (B,) this rank's per-pair losses; see BetaDPO.forward for the reduction convention
-    mask: Tensor  # (B,) bool, this rank's slice of the global kept-pair mask
-    beta: Tensor  # 0-dim, the effective beta_batch
-    gap_mean: Tensor  # 0-dim, EMA mu used for this batch
-    gap_std: Tensor  # 0-dim, EMA s used for this batch
-    kept_fraction: Tensor  # 0-dim, N_kept / N_global
-
-
-@dataclass
-class BetaDPOSelection:
-    """What ``BetaDPO.select`` decides for one training step (CPU, float64, detached)."""
-
-    mask: Tensor  # (B,) bool, this rank's slice of the global kept-pair mask
-    beta: Tensor  # 0-dim beta_batch
-    gap_mean: Tensor  # 0-dim EMA mu used
-    gap_std: Tensor  # 0-dim EMA s used
-    n: int  # pairs in the global batch
-    n_kept: int  # pairs kept
-
-
-class BetaDPO(torch.nn.Module):
-    """beta-DPO: a batch-level beta and a Gaussian filter on the implicit margin, with EMA state in buffers.
-
-    Per training step (method.md section 4.3), with A_i = h_i detached and not beta-scaled, gathered over ranks:
-        mu <- momentum mu + (1 - momentum) mean(A)        s <- momentum s + (1 - momentum) std(A)    (before use)
-        p_i = exp(-0.5 ((A_i - mu) / s)^2)                draw int(N (1 - rho)) indices without replacement, prop. p
-        beta_batch = max(min_beta, beta0 (1 + alpha (mean_kept(A) - mu)))                                 (detached)
-        loss = mean over kept pairs of -log sigma(beta_batch h_i)
-
-    Port pitfalls handled:
-    - The EMAs (``gap_mean``, ``gap_std``) and the update count (``step``) are persistent buffers, so they are in
-      ``state_dict`` and survive a resume. They are float32; keep the module out of a blanket ``.half()``/bf16 cast.
-    - The mask is drawn on CPU in float64 with a dedicated ``torch.Generator`` seeded from (seed, step): every rank sees
-      the same gathered A and the same generator, so all ranks draw the same mask, and a resumed run redraws it.
-    - In eval mode nothing is updated: the EMAs are only read and ``step`` is not advanced.
-    - Uniform mask while s <= eps: the EMAs start at 0, so step 1 has s = (1 - momentum) std(A); when policy ==
-      reference at init (LoRA B = 0, dropout off) A == 0 up to rounding and s ~ 0, and the filter would be 0/0 or a
-      draw on rounding noise. Filtering on a degenerate spread carries no information, so every pair is then equally
-      likely to be kept. The default eps lies above float32's resolution of a difference of summed log-probs (its
-      unit in the last place is ~1e-5 at |log pi| ~ 100), so whether the filter acts never depends on how one
-      machine, batch layout or kernel rounded.
-    """
-
-    gap_mean: Tensor
-    gap_std: Tensor
-    step: Tensor
-
-    def __init__(
-        self,
-        beta: float = 0.1,
-        alpha: float = 0.6,
-        rho: float = 0.2,
-        momentum: float = 0.9,
-        min_beta: float = 1e-3,
-        eps: float = 1e-4,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        _check_positive(beta=beta, min_beta=min_beta)
-        if not 0 <= rho < 1:
-            raise ValueError(f"rho (fraction of pairs filtered out) must be in [0, 1), got rho={rho!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}")
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got eps={eps!r}")
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got alpha={alpha!r}")
-        self.beta0, self.alpha, self.rho, self.momentum = beta, alpha, rho, momentum
-        self.min_beta, self.eps, self.seed = min_beta, eps, int(seed)
-        self.register_buffer("gap_mean", torch.zeros((), dtype=torch.float32))
-        self.register_buffer("gap_std", torch.zeros((), dtype=torch.float32))
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta0}, alpha={self.alpha}, rho={self.rho}, momentum={self.momentum}, seed={self.seed}"
-
-    def _generator(self, step: int) -> torch.Generator:
-        """A CPU generator seeded from (seed, step): identical on every rank and after a resume."""
-        return torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + step) % 2**63)
-
-    def forward(
-        self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        ref_chosen_logps: Tensor,
-        ref_rejected_logps: Tensor,
-        *,
-        all_gather: Callable[[Tensor], Tensor] | None = None,
-        rank: int = 0,
-        order_key: Tensor | None = None,
-    ) -> BetaDPOOutput:
-        """Per-pair beta-DPO losses for this rank's (B,) pairs.
-
-        ``all_gather`` maps the local (B,) tensor to the global (world * B,) tensor in rank order (None: single
-        process); ``rank`` locates this rank's slice [rank * B, (rank + 1) * B). Every rank must have the same B.
-        ``order_key`` (optional, (B,), e.g. dataset row indices) puts the gathered batch in a canonical order before
-        the statistics and the draw, so the mask does not depend on how pairs were spread over ranks: N ranks then
-        draw exactly what one process draws on the same global batch.
-
-        Reduction convention: ``losses_i = mask_i * (N / N_kept) * (-log sigma(beta_batch h_i))`` with N = world * B,
-        so ``losses.mean()`` on each rank, averaged over ranks (what DDP does with gradients), equals the mean of
-        -log sigma(beta_batch h_i) over the globally kept pairs (the official "mean over kept pairs").
-        """
-        h = implicit_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-        selection = self.select(h.detach(), all_gather=all_gather, rank=rank, order_key=order_key)
-        dtype = _weight_dtype(h)
-        # 5. per-pair losses on this rank's slice, scaled so that the DDP-averaged mean is the mean over kept pairs
-        mask = selection.mask.to(h.device)
-        beta_t = selection.beta.to(device=h.device, dtype=dtype)
-        per_pair = -F.logsigmoid(beta_t * h.to(dtype))
-        losses = torch.where(mask, per_pair * (selection.n / selection.n_kept), torch.zeros_like(per_pair))
-        return BetaDPOOutput(
-            losses=losses,
-            mask=mask,
-            beta=beta_t,
-            gap_mean=selection.gap_mean.to(device=h.device, dtype=dtype),
-            gap_std=selection.gap_std.to(device=h.device, dtype=dtype),
-            kept_fraction=torch.tensor(selection.n_kept / selection.n, device=h.device, dtype=dtype),
-        )
-
-    def select(
-        self,
-        gaps: Tensor,
-        *,
-        all_gather: Callable[[Tensor], Tensor] | None = None,
-        rank: int = 0,
-        order_key: Tensor | None = None,
-    ) -> BetaDPOSelection:
-        """Steps 1-4 on this rank's detached gaps (B,): the EMA update (training only), the kept-pair mask and
-        beta_batch. `forward` calls it on its batch; with gradient accumulation the policy module calls it once per
-        optimiser step on the gaps of the whole step, as the method defines it."""
-        b = gaps.shape[0]
-
-        # 1. gap A: detached, not beta-scaled, gathered over ranks; statistics on CPU in float64 (rank-identical)
-        a_local = gaps.detach()
-        a_global = a_local if all_gather is None else all_gather(a_local)
-        if a_global.dim() != 1 or b == 0 or a_global.shape[0] % b != 0:
-            raise ValueError(f"all_gather must return [world * B] with B={b}, got {list(a_global.shape)}")
-        n = a_global.shape[0]
-        if not 0 <= rank < n // b:
-            raise ValueError(f"rank must be in [0, {n // b}) for a gathered batch of {n} and B={b}, got rank={rank}")
-        a = a_global.to(device="cpu", dtype=torch.float64)
-        order = torch.arange(n)
-        if order_key is not None:
-            _check_pairs(h=gaps, order_key=order_key)
-            keys = order_key if all_gather is None else all_gather(order_key)
-            order = torch.argsort(keys.cpu(), stable=True)
-        a = a[order]  # canonical order; position j holds global pair order[j]
-
-        # 2. EMA update before use (training only); eval only reads the EMAs
-        if self.training:
-            batch_std = a.std() if n > 1 else a.new_zeros(())  # unbiased; undefined for one pair -> 0
-            mu_new = self.momentum * self.gap_mean.double().cpu() + (1 - self.momentum) * a.mean()
-            s_new = self.momentum * self.gap_std.double().cpu() + (1 - self.momentum) * batch_std
-            self.gap_mean.copy_(mu_new)
-            self.gap_std.copy_(s_new)
-            self.step.add_(1)
-        mu = self.gap_mean.detach().double().cpu()
-        s = self.gap_std.detach().double().cpu()
-
-        # 3. Gaussian filter (uniform while s <= eps), rank-identical draw without replacement
-        if s.item() <= self.eps:
-            p = torch.ones_like(a)
-        else:
-            log_p = -0.5 * ((a - mu) / s) ** 2
-            # rescale so the largest weight is 1, and keep far-out pairs at a tiny positive weight, so that drawing
-            # N_kept indices without replacement is always possible
-            p = torch.exp(log_p - log_p.max()).clamp(min=torch.finfo(torch.float64).tiny)
-        n_kept = max(1, int(n * (1 - self.rho)))
-        idx = torch.multinomial(p, n_kept, replacement=False, generator=self._generator(int(self.step.item())))
-        kept_sorted = torch.zeros(n, dtype=torch.bool)
-        kept_sorted[idx] = True
-        mask_global = torch.zeros(n, dtype=torch.bool)
-        mask_global[order[idx]] = True
-
-        # 4. batch beta from the kept gaps, clamped and detached
-        beta_batch = self.beta0 * (1 + self.alpha * (a[kept_sorted].mean() - mu))
-        beta_batch = beta_batch.clamp(min=self.min_beta)
-
-        mask = mask_global[rank * b : (rank + 1) * b]
-        return BetaDPOSelection(mask=mask, beta=beta_batch, gap_mean=mu, gap_std=s, n=n, n_kept=n_kept)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""Preference-optimisation losses: MADPO, DPO, IPO, beta-DPO and the Bradley-Terry reward-model loss.
+
+- `madpo.losses.functional`: the pure per-pair functions, each beside its equation.
+- `madpo.losses.beta_dpo`: the stateful beta-DPO module (EMA buffers, rank-identical filter).
+- `madpo.losses.components`: `PreferenceLoss` and the policy's objectives built on the above (`SFTLoss`, `DPOLoss`,
+  `IPOLoss`, `BetaDPOLoss`, `MADPOLoss`), picked in YAML by `class_path: madpo.losses.<Name>`.
+
+Every name is re-exported here: `from madpo.losses import dpo_losses, MADPOLoss`.
+"""
+
+from madpo.losses.beta_dpo import BetaDPO, BetaDPOOutput, BetaDPOSelection
+from madpo.losses.components import (
+    PAIR_METRICS,
+    BetaDPOLoss,
+    DPOLoss,
+    IPOLoss,
+    LogProbs,
+    LossContext,
+    LossOutput,
+    MADPOLoss,
+    PreferenceLoss,
+    SFTLoss,
+    build_loss,
+    class_path,
+    loss_config,
+    pair_metrics,
+    with_options,
+)
+from madpo.losses.functional import (
+    DEFAULT_TAU,
+    ODPO_OFFSETS,
+    VARIANTS,
+    OdpoOffset,
+    Variant,
+    amplification_coefficient,
+    bradley_terry_losses,
+    cdpo_losses,
+    chosen_nll,
+    dpo_losses,
+    hinge_losses,
+    implicit_margin,
+    ipo_losses,
+    madpo_losses,
+    madpo_losses_and_weights,
+    madpo_weights,
+    margin_target_losses,
+    odpo_losses,
+    rdpo_losses,
+    weighted,
+)
+
+__all__ = [
+    "DEFAULT_TAU",
+    "ODPO_OFFSETS",
+    "PAIR_METRICS",
+    "VARIANTS",
+    "BetaDPO",
+    "BetaDPOLoss",
+    "BetaDPOOutput",
+    "BetaDPOSelection",
+    "DPOLoss",
+    "IPOLoss",
+    "LogProbs",
+    "LossContext",
+    "LossOutput",
+    "MADPOLoss",
+    "OdpoOffset",
+    "PreferenceLoss",
+    "SFTLoss",
+    "Variant",
+    "amplification_coefficient",
+    "bradley_terry_losses",
+    "build_loss",
+    "cdpo_losses",
+    "chosen_nll",
+    "class_path",
+    "dpo_losses",
+    "hinge_losses",
+    "implicit_margin",
+    "ipo_losses",
+    "loss_config",
+    "madpo_losses",
+    "madpo_losses_and_weights",
+    "madpo_weights",
+    "margin_target_losses",
+    "odpo_losses",
+    "pair_metrics",
+    "rdpo_losses",
+    "weighted",
+    "with_options",
+]
