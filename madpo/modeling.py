@@ -153,23 +153,26 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, consume: bool = False) -> torch.Tensor:
         x = logits.float()
         row_max = x.amax(-1, keepdim=True)
-        exp = torch.exp(x - row_max)
+        target_logits = x.gather(1, targets[:, None])
+        # `consume`: the caller reads the logits no more (the head's backward needs its input, not its output), so the
+        # buffer is reused in place and one positions x vocabulary tensor fewer is alive at the peak
+        exp = x.sub_(row_max).exp_() if consume or x is not logits else torch.exp(x - row_max)
         row_sum = exp.sum(-1, keepdim=True)
-        out = (x.gather(1, targets[:, None]) - row_max - row_sum.log()).squeeze(1)
+        out = (target_logits - row_max - row_sum.log()).squeeze(1)
         ctx.save_for_backward(exp, row_sum, targets)
         ctx.logits_dtype = logits.dtype
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         exp, row_sum, targets = ctx.saved_tensors
         g = grad.float()[:, None]
         exp.mul_(-g / row_sum)  # -g * softmax
         exp.scatter_add_(1, targets[:, None], g)  # + g * onehot
-        return exp.to(ctx.logits_dtype), None
+        return exp.to(ctx.logits_dtype), None, None
 
 
 _NO_GRAD_CHUNK_ELEMENTS = 1 << 23  # logits per chunk without autograd: 32 MiB in float32
@@ -195,7 +198,7 @@ class _FrozenHeadTokenLogps(torch.autograd.Function):
         for i in range(0, hidden.shape[0], step):
             with torch.enable_grad():
                 chunk = hidden[i : i + step].detach().requires_grad_(True)
-                logps = _SelectiveLogSoftmax.apply(logits_of(chunk), targets[i : i + step])
+                logps = _SelectiveLogSoftmax.apply(logits_of(chunk), targets[i : i + step], True)
                 (grad_rows[i : i + step],) = torch.autograd.grad(logps.sum(), chunk)
             out[i : i + step] = logps.detach()
         ctx.save_for_backward(grad_rows)
@@ -207,7 +210,9 @@ class _FrozenHeadTokenLogps(torch.autograd.Function):
         return grad_rows * grad.to(grad_rows.dtype)[:, None], None, None, None
 
 
-def _token_logps(inner: nn.Module, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _token_logps(
+    inner: nn.Module, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_elements: int | None = None
+) -> torch.Tensor:
     """log p(target) at each selected position, from the decoder's hidden states there (N, d) -> (N,) float32.
 
     With autograd: the LM head on all N positions, then `_SelectiveLogSoftmax`, or, with a frozen head and more than
@@ -219,12 +224,13 @@ def _token_logps(inner: nn.Module, head: nn.Module, hidden: torch.Tensor, target
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     vocab = getattr(head, "out_features", None) or inner.config.get_text_config().vocab_size
     if needs_grad:
-        if not GRAD_CHUNK_ELEMENTS or hidden.shape[0] * vocab <= GRAD_CHUNK_ELEMENTS:
-            return _SelectiveLogSoftmax.apply(logits_of(hidden), targets)
+        chunk = GRAD_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+        if not chunk or hidden.shape[0] * vocab <= chunk:
+            return _SelectiveLogSoftmax.apply(logits_of(hidden), targets, True)
         if not any(p.requires_grad for p in head.parameters()):  # e.g. LoRA on the attention, head frozen
-            return _FrozenHeadTokenLogps.apply(hidden, targets, logits_of, max(1, GRAD_CHUNK_ELEMENTS // vocab))
+            return _FrozenHeadTokenLogps.apply(hidden, targets, logits_of, max(1, chunk // vocab))
         # a trained head would need its logits recomputed in backward: measured slower than holding them
-        return _SelectiveLogSoftmax.apply(logits_of(hidden), targets)
+        return _SelectiveLogSoftmax.apply(logits_of(hidden), targets, True)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     step = max(1, _NO_GRAD_CHUNK_ELEMENTS // vocab)
     for start in range(0, hidden.shape[0], step):
@@ -242,9 +248,10 @@ def _fast_token_logps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     target_mask: torch.Tensor,
+    chunk_elements: int | None = None,
 ) -> torch.Tensor:
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return _token_logps(inner, head, hidden[:, :-1][target_mask], input_ids[:, 1:][target_mask])
+    return _token_logps(inner, head, hidden[:, :-1][target_mask], input_ids[:, 1:][target_mask], chunk_elements)
 
 
 def _full_token_logps(
@@ -261,6 +268,7 @@ def sequence_logps(
     completion_mask: torch.Tensor,
     *,
     fast: bool = True,
+    chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of the completion tokens of each row, and their count.
 
@@ -269,7 +277,8 @@ def sequence_logps(
     The fast path runs the decoder once and applies the LM head only at positions that predict a completion token,
     so prompt and padding logits are never materialised, and reads the token log-probs with a memory-light selective
     log-softmax (`_SelectiveLogSoftmax`; chunked when no gradient is needed); `fast=False` is the plain full-logits
-    `cross_entropy` computation it is tested against. Before its first use on a model, the fast path is checked
+    `cross_entropy` computation it is tested against. `chunk_elements` overrides `GRAD_CHUNK_ELEMENTS` (0: never
+    chunk). Before its first use on a model, the fast path is checked
     against that model's own forward on a few tokens (`madpo.logits.fast_path_agrees`); a model whose head maths it
     does not reproduce gets the full-logits path, with a warning. Returns `(logps (R,) float32, n_tokens (R,) long)`.
     """
@@ -280,7 +289,7 @@ def sequence_logps(
     head = inner.get_output_embeddings()
     token_logps_of = partial(_full_token_logps, model)
     if decoder is not None and decoder is not inner and head is not None:
-        fast_of = partial(_fast_token_logps, inner, decoder, head)
+        fast_of = partial(_fast_token_logps, inner, decoder, head, chunk_elements=chunk_elements)
         if fast_path_agrees(model, inner, fast_of, token_logps_of, input_ids, attention_mask):
             token_logps_of = fast_of
     token_logps = token_logps_of(input_ids, attention_mask, target_mask)

@@ -166,3 +166,41 @@ def test_mfu_peak_table_and_flop_count():
     tokens, completions = 8, 6
     expected = 6 * n_body * tokens + 6 * 576 * 49152 * completions + 12 * 30 * 576 * 4 * tokens
     assert flops == pytest.approx(expected)
+
+
+@needs_reviews
+def test_memory_bench_runs_end_to_end_on_a_tiny_setting(tmp_path):
+    """bench/memory.py: prepare (vocabulary resize), the LoRA setting's madpo and plain workers, the files."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "memory.py"),
+            "--tiny",
+            "--rounds",
+            "1",
+            "--settings",
+            "lora",
+            "--contenders",
+            "madpo,plain",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "out" / "memory.json").read_text())
+    assert payload["work"]["model_vocab"] == 4096 and payload["rounds"] == 1
+    for name in ("madpo", "plain"):
+        (run,) = payload["runs"]["lora"][name]
+        assert "error" not in run, run
+        assert run["peak_rss_mb"] >= run["built_rss_mb"] > 0 and run["step_s"] > 0
+        assert 0 < run["trained_params"] < payload["work"]["params"]  # only the adapter trains
+        assert math.isfinite(run["loss"])
+    runs = payload["runs"]["lora"]
+    assert runs["madpo"][0]["trained_params"] == runs["plain"][0]["trained_params"]
+    md = (tmp_path / "out" / "memory.md").read_text()
+    assert "| madpo | 1 |" in md and "| plain | 1 |" in md and "python bench/memory.py" in md

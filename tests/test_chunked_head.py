@@ -93,6 +93,17 @@ def test_no_positions_by_vocabulary_tensor_is_kept_for_backward(batch) -> None:
 
     assert largest_saved(0) >= n_targets * vocab  # the full path keeps a targets x vocabulary buffer
     assert largest_saved(5 * vocab) < n_targets * vocab / 4
+    # the per-call switch (PolicyLightningModule(chunked_head=False) passes 0) wins over the module setting
+    sizes: list[int] = [0]
+    previous, modeling.GRAD_CHUNK_ELEMENTS = modeling.GRAD_CHUNK_ELEMENTS, 5 * vocab
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            sequence_logps(
+                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_elements=0
+            )
+    finally:
+        modeling.GRAD_CHUNK_ELEMENTS = previous
+    assert max(sizes) >= n_targets * vocab
 
 
 def test_a_trained_head_is_not_chunked(batch) -> None:

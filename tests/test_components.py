@@ -178,17 +178,12 @@ def test_a_new_loss_is_one_class_and_one_yaml(tmp_path) -> None:
     assert type(module.loss) is HingeLoss and module.loss.beta == 0.2
 
 
-def _policy_key(monkeypatch, tmp_path, policy) -> str:  # noqa: ANN001
-    keys = {}
-
-    def capture(ctx, name, config, upstream, body, *, label=None):  # noqa: ANN001, ANN202
-        keys[name] = (stages.stage_key(name, config, upstream), label, config)
-
-    monkeypatch.setattr(stages, "run_stage", capture)
-    ctx = stages.Context(tmp_path, PipelineConfig().trainer)
+def _policy_key(monkeypatch, tmp_path, policy) -> tuple:  # noqa: ANN001
+    """(key, directory label, what the key hashes) of the policy stage, on stand-in upstream results."""
     up = stages.StageResult("x", "x", tmp_path, "abc", {}, cached=True)
-    stages.stage_policy(ctx, policy, (16, 64), up, up, up)
-    return keys["policy"]
+    training = stages.TrainingSettings.of(PipelineConfig().trainer)
+    inputs = stages.PolicyInputs.of(policy, (16, 64), training, up, up, up)
+    return inputs.key, stages.policy_label(policy), stages.base._canonical(inputs)
 
 
 def test_dpo_stage_key_ignores_madpo_knobs(monkeypatch, tmp_path) -> None:
@@ -199,6 +194,10 @@ def test_dpo_stage_key_ignores_madpo_knobs(monkeypatch, tmp_path) -> None:
     assert config["loss"] == {"class": "madpo.losses.DPOLoss", "beta": 0.1}
     assert label == "policy-dpo-high-s0"
     assert _policy_key(monkeypatch, tmp_path, dpo_other)[0] == key
+    # no reward model upstream and no margin perturbation in a loss that reads no margins
+    assert config["margins"] is None and "margin_noise_std" not in config
+    noisy = dataclasses.replace(dpo, margin_noise_std=0.5, margin_flip_fraction=0.1)
+    assert _policy_key(monkeypatch, tmp_path, noisy)[0] == key
     assert _policy_key(monkeypatch, tmp_path, dataclasses.replace(dpo, loss=DPOLoss(beta=0.2)))[0] != key
     madpo = _policy_key(monkeypatch, tmp_path, base)
     assert madpo[1] == "policy-madpo-high-s0" and madpo[2]["loss"]["c_max"] == 4.0

@@ -22,14 +22,15 @@ CHECKED = (
     "val/loss",
     "train/madpo/weight_mean_step",
     "train/beta/effective_step",
+    "train/rm/margin_mean_step",
 )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "beta_dpo", "madpo"])
+@pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "beta_dpo", "madpo", "cdpo", "odpo"])
 def test_ddp_two_processes_equal_one_process(loss, tmp_path, random_reward_model):
     extra = [*COMMON]
-    if loss == "madpo":
+    if loss in ("madpo", "odpo"):
         extra.append(f"--data.reward_model={random_reward_model}")
     cli_main(tiny_args(f"{loss}.yaml", tmp_path, *extra, "--data.batch_size=8", name="single"))
     ddp_args = tiny_args(f"{loss}.yaml", tmp_path, *extra, "--data.batch_size=4", name="ddp")

@@ -147,7 +147,7 @@ def test_interrupted_stage_is_redone_upstream_stays_cached(
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash inside training")
 
-    monkeypatch.setattr(stages, "fit", crash)
+    monkeypatch.setattr(stages.training, "fit", crash)
     with pytest.raises(stages.StageError, match=r"^stage policy: \[policy-madpo-high-s0\] simulated crash"):
         run.main(ci_args(out))
     assert policy_dir.is_dir() and not (policy_dir / "stage.json").exists()
@@ -191,7 +191,7 @@ def test_oracle_returning_nan_stops_the_pairs_stage_naming_the_row(
     finished: tuple[Path, dict, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = copy_of(finished, tmp_path)
-    monkeypatch.setattr(stages, "load_oracle", lambda *a, **k: NanOracle())
+    monkeypatch.setattr(stages.oracle, "load_oracle", lambda *a, **k: NanOracle())
     with pytest.raises(stages.StageError, match=r"^stage pairs: .*non-finite score.*row 3 ") as info:
         run.main(ci_args(out, "--pairs.seed", "7"))  # a new pairs stage on the cached upstream
     assert "sample1" in str(info.value)

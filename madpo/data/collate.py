@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-FLOAT_COLUMNS = ("rm_margin", "ref_chosen_logps", "ref_rejected_logps")
+FLOAT_COLUMNS = ("rm_margin", "weight", "margin", "ref_chosen_logps", "ref_rejected_logps")
 
 
 def _ids(value: Any) -> list[int]:
@@ -29,8 +29,8 @@ class PreferenceCollator:
             rounding.
 
     Returns a dict with `input_ids` (R, T) long, `attention_mask` (R, T) long, `completion_mask` (R, T) bool (True
-    exactly on completion tokens), `index` (B,) long, and float32 (B,) `rm_margin` / `ref_chosen_logps` /
-    `ref_rejected_logps` when the rows carry them. R = 2B for preference rows, B for SFT rows.
+    exactly on completion tokens), `index` (B,) long, and float32 (B,) `rm_margin` / `weight` / `margin` /
+    `ref_chosen_logps` / `ref_rejected_logps` when the rows carry them. R = 2B for preference rows, B for SFT rows.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:

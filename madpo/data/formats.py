@@ -2,7 +2,8 @@
 
 Two row formats are accepted, both with an explicit prompt (TRL's recommended layout):
 
-- **preference**: `prompt`, `chosen`, `rejected` (optionally a numeric `rm_margin`);
+- **preference**: `prompt`, `chosen`, `rejected` (optionally numeric columns: `rm_margin`, the reward model's margin;
+  `weight` (>= 0), multiplying the pair's loss; `margin`, the reward model's target margin in its Bradley-Terry loss);
 - **SFT**: `prompt`, `completion`.
 
 Each may be *standard* (strings) or *conversational* (lists of `{"role", "content"}` messages; the tokenizer's chat
@@ -49,6 +50,15 @@ R_EMPTY = "empty_completion"
 R_IDENTICAL = "chosen_equals_rejected"
 R_MARGIN = "bad_rm_margin"
 R_MESSAGES = "bad_messages"
+R_WEIGHT = "bad_weight"
+R_TARGET_MARGIN = "bad_margin"
+
+NUMERIC_COLUMNS: dict[str, tuple[str, bool]] = {
+    "rm_margin": (R_MARGIN, False),
+    "weight": (R_WEIGHT, True),
+    "margin": (R_TARGET_MARGIN, False),
+}
+"""Optional numeric columns: name -> (drop reason, must be >= 0). Each must be a finite number (not a bool)."""
 
 
 @dataclass
@@ -164,7 +174,7 @@ def split_implicit_prompt(dataset: datasets.Dataset, source: str) -> datasets.Da
 def _looks_conversational(columns: dict[str, list[Any]], fields: list[str]) -> bool:
     """True when the first non-None text value is a list of messages (the format of a column is decided once)."""
     for name in fields:
-        if name == "rm_margin":
+        if name in NUMERIC_COLUMNS:
             continue
         for value in columns[name]:
             if value is not None:
@@ -191,8 +201,11 @@ def _message_problem(value: Any, *, completion: bool) -> str | None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _row_problem(row: dict[str, Any], fmt: str, conversational: bool, has_margin: bool) -> tuple[str, str, str] | None:
-    """(reason, field, message) for the first problem of a row, or None when the row is valid."""
+def _row_problem(
+    row: dict[str, Any], fmt: str, conversational: bool, has_margin: bool, numeric: tuple[str, ...] = ()
+) -> tuple[str, str, str] | None:
+    """(reason, field, message) for the first problem of a row, or None when the row is valid. `has_margin` checks
+    `rm_margin`; `numeric` names the other `NUMERIC_COLUMNS` the row has."""
     for name in ("prompt", *COMPLETION_FIELDS[fmt]):
         value = row[name]
         is_completion = name != "prompt"
@@ -208,12 +221,15 @@ def _row_problem(row: dict[str, Any], fmt: str, conversational: bool, has_margin
             return R_EMPTY, name, "is empty (after stripping whitespace)"
     if fmt == PREFERENCE and row["chosen"] == row["rejected"]:
         return R_IDENTICAL, "rejected", "is identical to 'chosen' (a pair needs two different responses)"
-    if has_margin:
-        m = row["rm_margin"]
+    for name in ("rm_margin", *numeric) if has_margin else numeric:
+        reason, nonnegative = NUMERIC_COLUMNS[name]
+        m = row[name]
         if isinstance(m, bool) or not isinstance(m, (int, float)):
-            return R_MARGIN, "rm_margin", f"is not a number (got {type(m).__name__}: {m!r:.80})"
+            return reason, name, f"is not a number (got {type(m).__name__}: {m!r:.80})"
         if not math.isfinite(m):
-            return R_MARGIN, "rm_margin", f"is not finite (got {m})"
+            return reason, name, f"is not finite (got {m})"
+        if nonnegative and m < 0:
+            return reason, name, f"is negative (got {m}; it must be >= 0)"
     return None
 
 
@@ -236,7 +252,8 @@ def validate(
         dataset = split_implicit_prompt(dataset, source)
     fmt = detect_format(dataset.column_names, source)
     has_margin = "rm_margin" in dataset.column_names
-    fields = ["prompt", *COMPLETION_FIELDS[fmt]] + (["rm_margin"] if has_margin else [])
+    numeric = tuple(c for c in NUMERIC_COLUMNS if c != "rm_margin" and c in dataset.column_names)
+    fields = ["prompt", *COMPLETION_FIELDS[fmt]] + (["rm_margin"] if has_margin else []) + list(numeric)
     columns = dataset.select_columns(fields).with_format(None).to_dict() if len(dataset) else {f: [] for f in fields}
     n = len(dataset)
     conversational = _looks_conversational(columns, fields)
@@ -245,7 +262,7 @@ def validate(
     examples: list[str] = []
     for i in range(n):
         row = {f: columns[f][i] for f in fields}
-        problem = _row_problem(row, fmt, conversational, has_margin)
+        problem = _row_problem(row, fmt, conversational, has_margin, numeric)
         if problem is None:
             keep.append(i)
             continue
@@ -288,11 +305,11 @@ def _normalise_types(
     columns: dict[str, list[Any]],
     keep: list[int] | None,
 ) -> datasets.Dataset:
-    """Cast the validated columns to one schema (text: string, rm_margin: float64, index: int64), so files of one
+    """Cast the validated columns to one schema (text: string, numeric: float64, index: int64), so files of one
     split concatenate whatever their reader inferred (parquet large_string, csv int margins, JSON mixed types)."""
     features = dataset.features.copy()
     for name in fields:
-        if name == "rm_margin":
+        if name in NUMERIC_COLUMNS:
             features[name] = datasets.Value("float64")
         elif not conversational:
             features[name] = datasets.Value("string")

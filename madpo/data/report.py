@@ -22,6 +22,8 @@ REASONS = {
     "empty_completion": "empty completion",
     "chosen_equals_rejected": "chosen equals rejected",
     "bad_rm_margin": "bad rm_margin",
+    "bad_weight": "bad weight",
+    "bad_margin": "bad margin",
     "bad_messages": "malformed messages",
     "filtered_prompt_too_long": "prompt leaves no room for a completion",
     "filtered_empty_prompt": "empty prompt",

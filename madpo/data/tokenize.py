@@ -1,7 +1,8 @@
 """Tokenize validated rows once (`datasets.map(batched=True)`), with an explicit, counted truncation policy.
 
 Output columns (docs/contracts.md): `index`, `prompt_ids`, `chosen_ids` (+ `rejected_ids` for preference rows), and
-`rm_margin` carried through when present. Every other column is removed.
+the optional numeric columns `rm_margin`, `weight` and `margin` carried through when present. Every other column is
+removed.
 
 **Boundary rule.** The prompt and each completion are tokenized *separately* (no special tokens added by the
 tokenizer) and concatenated: `input = prompt_ids + completion_ids`. The prompt/completion boundary is therefore
@@ -200,7 +201,7 @@ def tokenize_dataset(
         max_prompt_length=max_prompt_length,
         conversational=raw.conversational,
     )
-    keep_columns = {"index", "rm_margin"}
+    keep_columns = {"index", "rm_margin", "weight", "margin"}
     tokenized = dataset.map(
         _tokenize_batch,
         batched=True,
@@ -244,7 +245,7 @@ def tokenize_dataset(
     tokenized = tokenized.remove_columns(flags, new_fingerprint=f"{fingerprint}-final")
     if "completion_ids" in tokenized.column_names:
         tokenized = tokenized.rename_column("completion_ids", "chosen_ids", new_fingerprint=f"{fingerprint}-sft")
-    order = ["index", "prompt_ids", "chosen_ids", "rejected_ids", "rm_margin"]
+    order = ["index", "prompt_ids", "chosen_ids", "rejected_ids", "rm_margin", "weight", "margin"]
     tokenized = tokenized.select_columns([c for c in order if c in tokenized.column_names])
     stats.rows_out = len(tokenized)
 

@@ -4,6 +4,8 @@
 - `madpo.losses.beta_dpo`: the stateful beta-DPO module (EMA buffers, rank-identical filter).
 - `madpo.losses.components`: `PreferenceLoss` and the policy's objectives built on the above (`SFTLoss`, `DPOLoss`,
   `IPOLoss`, `BetaDPOLoss`, `MADPOLoss`), picked in YAML by `class_path: madpo.losses.<Name>`.
+- `madpo.losses.robust`: more pairwise objectives (`CDPOLoss`, `RDPOLoss`, `ODPOLoss`, `MarginTargetLoss`,
+  `HingeLoss`) and `WithChosenNLL`, RPO's NLL term added to any loss.
 
 Every name is re-exported here: `from madpo.losses import dpo_losses, MADPOLoss`.
 """
@@ -48,8 +50,15 @@ from madpo.losses.functional import (
     rdpo_losses,
     weighted,
 )
+from madpo.losses.robust import CDPOLoss, HingeLoss, MarginTargetLoss, ODPOLoss, RDPOLoss, WithChosenNLL
 
 __all__ = [
+    "WithChosenNLL",
+    "RDPOLoss",
+    "ODPOLoss",
+    "MarginTargetLoss",
+    "HingeLoss",
+    "CDPOLoss",
     "DEFAULT_TAU",
     "ODPO_OFFSETS",
     "PAIR_METRICS",

@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from madpo.data.requirements import DataRequirements
-from madpo.losses import LogProbs, LossContext, MADPOLoss, PreferenceLoss, build_loss, class_path, loss_config
+from madpo.losses import (
+    LogProbs,
+    LossContext,
+    MADPOLoss,
+    PreferenceLoss,
+    build_loss,
+    class_path,
+    loss_config,
+    weighted,
+)
 from madpo.modeling import is_adapter_tensor, load_causal_lm, load_tokenizer, sequence_logps, state_fingerprint
 from madpo.modules.base import LoraOptions, OptimizerOptions, PairwiseModule
 from madpo.predict import GenerationOptions, PredictionModels, load_prediction_models, predict_batch
@@ -25,7 +34,9 @@ class PolicyLightningModule(PairwiseModule):
     Each step runs the policy once on the stacked batch (chosen rows then rejected rows) and hands the summed
     completion log-probs to the loss; the reference log-probs come precomputed from the DataModule (default: the
     reference model is never in memory while training) or from a frozen copy kept outside the checkpoint
-    (`reference: online`). With LoRA the reference is the same model with its adapter disabled.
+    (`reference: online`). With LoRA the reference is the same model with its adapter disabled. A `weight` column of
+    the data (finite, >= 0) multiplies each pair's loss, whatever the loss (docs/method.md eq. (30)), logged as
+    `weight/mean`.
 
     Args:
         model_name_or_path: Hub id or local directory of the initial policy (also the reference and the tokenizer).
@@ -38,6 +49,8 @@ class PolicyLightningModule(PairwiseModule):
         gradient_checkpointing: Trade compute for activation memory.
         disable_dropout: Turn dropout off in the policy (as TRL does), so implicit rewards are deterministic.
         fast_logps: Apply the LM head only at completion positions (False: plain full-logits path).
+        chunked_head: With a frozen head (LoRA) and more than `madpo.modeling.GRAD_CHUNK_ELEMENTS` completion logits,
+            compute them in chunks, never holding positions x vocabulary (False: all at once; faster, more memory).
         on_nonfinite_loss: A non-finite training loss raises (naming step, batch and pair rows) or, with 'skip',
             skips that optimiser step on every rank and counts it (train/nonfinite_steps_skipped).
         export: Write the trained policy as a transformers directory at the end of fit.
@@ -57,6 +70,7 @@ class PolicyLightningModule(PairwiseModule):
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         fast_logps: bool = True,
+        chunked_head: bool = True,
         on_nonfinite_loss: Literal["raise", "skip"] = "raise",
         export: bool = True,
         export_dir: str | None = None,
@@ -70,6 +84,8 @@ class PolicyLightningModule(PairwiseModule):
         if not isinstance(loss, PreferenceLoss):
             raise TypeError(f"loss must be a madpo.losses.PreferenceLoss, got {type(loss).__name__}")
         self.metric_names = tuple(loss.metric_names)
+        if loss.data_requirements().pairs and "weight/mean" not in self.metric_names:
+            self.metric_names += ("weight/mean",)  # logged when the data has a `weight` column
         super().__init__()
         # The loss is an nn.Module: in hparams it is its class path and options, plain data that a checkpoint loads
         # with weights_only=True and that `load_from_checkpoint` and LightningCLI's --ckpt_path rebuild it from.
@@ -225,6 +241,7 @@ class PolicyLightningModule(PairwiseModule):
             batch["attention_mask"][rows],
             batch["completion_mask"][rows],
             fast=self.hparams.fast_logps,
+            chunk_elements=None if self.hparams.get("chunked_head", True) else 0,
         )
 
     def _reference_logps(self, batch: dict[str, torch.Tensor], n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,8 +275,18 @@ class PolicyLightningModule(PairwiseModule):
             policy = LogProbs(logps[:n_pairs], n_tokens[:n_pairs], logps[n_pairs:], n_tokens[n_pairs:])
             reference = self._reference_logps(batch, n_pairs) if needs.reference_logps else None
         out = self.loss(policy, reference, batch, self._loss_context(stage, n_pairs))
-        loss = out.losses.mean() if out.loss is None else out.loss
-        return loss, {**out.metrics, "loss": out.losses}, dict(out.scalars)
+        losses, metrics = out.losses, dict(out.metrics)
+        if needs.pairs and "weight" in batch:  # eq. (30), after any weight of the loss's own (MADPO's w): both multiply
+            if out.loss is not None:
+                raise ValueError(
+                    f"the data has a 'weight' column, but {class_path(self.loss)} returns its own reduced loss here "
+                    "(e.g. beta-DPO under gradient accumulation), which per-pair weights cannot multiply; drop the "
+                    "column or the accumulation"
+                )
+            losses = weighted(losses, batch["weight"])
+            metrics["weight/mean"] = batch["weight"]
+        loss = losses.mean() if out.loss is None else out.loss
+        return loss, {**metrics, "loss": losses}, dict(out.scalars)
 
     def on_train_epoch_end(self) -> None:
         """Histograms of the training margins and of what the loss makes of them (TensorBoard)."""

@@ -13,7 +13,8 @@ from madpo.modules.policy import _apply_lora
 
 
 class RewardLightningModule(PairwiseModule):
-    """Bradley–Terry reward model: loss −log σ(r(x, y_w) − r(x, y_l)) on prompt + completion text.
+    """Bradley–Terry reward model: loss −log σ(r(x, y_w) − r(x, y_l) − δ) on prompt + completion text, docs/method.md
+    eq. (21); δ is the pair's `margin` column when the data has one (as TRL's RewardTrainer and Llama 2 do), else 0.
 
     The backbone of `model_name_or_path` gets a fresh `Linear(hidden, 1)` head (AutoModelForSequenceClassification,
     one label); the score is read at the last non-pad token from the attention mask, whatever the padding side. At the
@@ -71,7 +72,7 @@ class RewardLightningModule(PairwiseModule):
             raise ValueError("the reward model trains on preference pairs; the batch holds single completions")
         rewards = pair_rewards(self.model, batch["input_ids"], batch["attention_mask"])  # one forward, 2B rows
         chosen, rejected = rewards[:n_pairs], rewards[n_pairs:]
-        losses = L.bradley_terry_losses(chosen, rejected)
+        losses = L.bradley_terry_losses(chosen, rejected, target_margin=batch.get("margin"))
         coef = self.hparams.center_rewards_coefficient
         if coef:
             losses = losses + coef * (chosen + rejected) ** 2
