@@ -3,7 +3,7 @@
 import os
 
 # GNU OpenMP's threads spin while they wait; on a CPU shared with other processes that stalls every parallel op (a
-# 2-thread training step measured 4-5x slower on 2 busy cores than with passive waiting, and no faster idle). It is
+# training step is several times slower on busy cores than with passive waiting, and no faster idle). It is
 # read once, when torch loads OpenMP, so it has to be set before the first `import torch`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -229,7 +229,7 @@ def _token_logps(
             return _SelectiveLogSoftmax.apply(logits_of(hidden), targets, True)
         if not any(p.requires_grad for p in head.parameters()):  # e.g. LoRA on the attention, head frozen
             return _FrozenHeadTokenLogps.apply(hidden, targets, logits_of, max(1, chunk // vocab))
-        # a trained head would need its logits recomputed in backward: measured slower than holding them
+        # a trained head would need its logits recomputed in backward: slower than holding them (bench/memory.py)
         return _SelectiveLogSoftmax.apply(logits_of(hidden), targets, True)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     step = max(1, _NO_GRAD_CHUNK_ELEMENTS // vocab)

@@ -24,15 +24,6 @@ PAIRS = str(DATA / "pairs_train.jsonl")
 SMALL = {"tokenizer": TINY, "max_length": 48, "max_prompt_length": 12, "batch_size": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run faster on one thread; two OpenMP threads spin badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def isolated_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))

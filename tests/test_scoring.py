@@ -40,15 +40,6 @@ def make_dataset(tok, n=N):
     return tokenize_dataset(load_in_memory(rows), tok, max_length=80, max_prompt_length=16)[0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run faster on one thread; two OpenMP threads spin badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(TINY)
