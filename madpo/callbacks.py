@@ -10,6 +10,8 @@ import lightning as L
 import torch
 
 from madpo.distributed import is_initialized
+from madpo.errors import UserError
+from madpo.sharding import is_sharded, local_tensor, reshard
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,8 @@ class KeepBestWeights(L.Callback):
 
     With `EarlyStopping` this is the paper's reward-model protocol (validate every n updates, patience 3, keep the
     best). The copy lives in CPU memory and holds only parameters that train (a LoRA adapter and head, or the whole
-    model under full fine-tuning). The monitored metric must be identical on every rank (madpo's val metrics are
-    gathered), so every rank keeps the same step.
+    model under full fine-tuning); under sharding each rank keeps only its own shards. The monitored metric must be
+    identical on every rank (madpo's val metrics are gathered), so every rank keeps the same step.
     """
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min") -> None:
@@ -66,17 +68,22 @@ class KeepBestWeights(L.Callback):
             self.best_metrics = {
                 k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1
             }
+            # this rank's part of each parameter (its shard when sharded: each rank keeps and restores its own)
+            reshard(pl_module)
             self._state = {
-                name: p.detach().to("cpu", copy=True) for name, p in pl_module.named_parameters() if p.requires_grad
+                name: local_tensor(p.detach()).to("cpu", copy=True)
+                for name, p in pl_module.named_parameters()
+                if p.requires_grad
             }
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._state is None:
             return
+        reshard(pl_module)
         params = dict(pl_module.named_parameters())
         with torch.no_grad():
             for name, saved in self._state.items():
-                params[name].copy_(saved)
+                local_tensor(params[name]).copy_(saved)
         log.info("restored the weights of step %d (%s = %.4f)", self.best_step, self.monitor, self.best)
         print(
             f"[madpo] restored the best weights: step {self.best_step}, {self.monitor} = {self.best:.4f} "
@@ -169,6 +176,10 @@ class SampleGenerations(L.Callback):
         finally:
             pl_module.model.train(was_training)
         return [s[0] for s in samples]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if is_sharded(pl_module.model):  # rank 0 alone would run forwards that need every rank's shards
+            raise UserError("SampleGenerations does not run on a sharded model; drop the callback under FSDP")
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, batch_idx: int

@@ -1,5 +1,5 @@
 """Models and tokenizers: loading (hub id or local directory), building small ones offline, and the two forward
-helpers every layer shares: summed completion log-probs (policy, reference) and last-token rewards (reward model).
+helpers every layer shares: summed completion log-probs (policy, reference) and pooled rewards (reward model).
 
 Everything loads through transformers' `from_pretrained`, so a hub id and a local directory take the same path.
 `trust_remote_code` stays off unless the caller asks for it.
@@ -86,17 +86,38 @@ def load_causal_lm(
     return model
 
 
+REWARD_POOLINGS = ("last", "mean")
+POOLING_ATTRIBUTE = "madpo_reward_pooling"
+"""The model-config attribute that records how `pair_rewards` pools a reward model's hidden states. It is saved in
+the exported `config.json` (transformers keeps extra config attributes), so whoever opens the directory reads the
+reward the way it was trained; a config without it (an older export, a plain checkpoint) means "last"."""
+
+
+def check_pooling(pooling: str) -> str:
+    if pooling not in REWARD_POOLINGS:
+        raise ValueError(f"pooling must be one of {list(REWARD_POOLINGS)}, got {pooling!r}")
+    return pooling
+
+
 def init_reward_model(
-    name_or_path: str, *, dtype: str | None = None, trust_remote_code: bool = False, pad_token_id: int | None = None
+    name_or_path: str,
+    *,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    pad_token_id: int | None = None,
+    pooling: str = "last",
 ) -> PreTrainedModel:
-    """A fresh reward model: the backbone of `name_or_path` plus a new `Linear(hidden, 1)` head."""
-    return AutoModelForSequenceClassification.from_pretrained(
+    """A fresh reward model: the backbone of `name_or_path` (a causal LM, or an encoder such as BERT that has no LM
+    head) plus a new `Linear(hidden, 1)` head, with `pooling` recorded in its config (`POOLING_ATTRIBUTE`)."""
+    model = AutoModelForSequenceClassification.from_pretrained(
         name_or_path,
         num_labels=1,
         dtype=resolve_dtype(dtype),
         trust_remote_code=trust_remote_code,
         pad_token_id=pad_token_id,
     )
+    setattr(model.config, POOLING_ATTRIBUTE, check_pooling(pooling))
+    return model
 
 
 def check_reward_model_path(name_or_path: str) -> None:
@@ -312,13 +333,31 @@ def _score_head(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no 'score' or 'classifier' head; cannot read rewards")
 
 
+def reward_pooling(model: nn.Module) -> str:
+    """How `pair_rewards` pools this reward model's hidden states: its config's `POOLING_ATTRIBUTE`, else "last"."""
+    return check_pooling(getattr(_unwrap(model).config, POOLING_ATTRIBUTE, None) or "last")
+
+
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(R, T, d) final hidden states -> (R, d): the last non-pad token's ("last"), or the mean over the non-pad
+    tokens ("mean", summed in float32), for left or right padding alike."""
+    if pooling == "last":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    if pooling == "mean":
+        mask = attention_mask.to(torch.float32).unsqueeze(-1)
+        pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return pooled.to(hidden.dtype)
+    raise ValueError(f"pooling must be one of {list(REWARD_POOLINGS)}, got {pooling!r}")
+
+
 def pair_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward r(x, y) of each row, read from the head at the last non-pad token (float32, shape (R,))."""
+    """Scalar reward r(x, y) of each row (float32, shape (R,)): the head on the backbone's final hidden states,
+    pooled as the model's config records (`reward_pooling`). Training and scoring both call this, so a reward is
+    read one way; the architecture's own classification forward (a BERT pooler, dropout) is not used."""
     inner = _unwrap(model)
     backbone = getattr(inner, inner.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    last = last_token_index(attention_mask)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    pooled = pool_hidden(hidden, attention_mask, reward_pooling(inner))
     return _score_head(inner)(pooled).squeeze(-1).float()
 
 

@@ -50,6 +50,7 @@ from madpo.modeling import (
     load_reward_model,
     load_tokenizer,
     pair_rewards,
+    reward_pooling,
     sequence_logps,
     state_fingerprint,
     tokenizer_fingerprint,
@@ -329,14 +330,15 @@ def scoring_context(trainer: Any | None) -> tuple[torch.device, ForwardContext |
 
 @contextmanager
 def open_reward_model(
-    path: str, tokenizer: PreTrainedTokenizerBase, *, device: Any = "cpu", trust_remote_code: bool = False
+    path: str, tokenizer: PreTrainedTokenizerBase | None, *, device: Any = "cpu", trust_remote_code: bool = False
 ) -> Iterator[nn.Module]:
     """The reward model exported at `path`, frozen, in eval mode, on `device`; freed (and the CUDA cache emptied) on
     exit. Refuses a path that is no reward-model directory, and a reward model whose tokenizer differs from the data
-    tokenizer `tokenizer` (its margins would be read off token ids it was not trained on)."""
+    tokenizer `tokenizer` (its margins would be read off token ids it was not trained on). `tokenizer=None`: the
+    caller scores text tokenized with the reward model's own tokenizer (`madpo.data.rm_text`), so nothing to check."""
     check_reward_model_path(path)
     rm_tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    if tokenizer_fingerprint(rm_tokenizer) != tokenizer_fingerprint(tokenizer):
+    if tokenizer is not None and tokenizer_fingerprint(rm_tokenizer) != tokenizer_fingerprint(tokenizer):
         raise ValueError(
             f"the reward model's tokenizer ({path}) differs from the data tokenizer ({tokenizer.name_or_path}): "
             "margins would be scored on token ids it was not trained on; train the reward model with the "
@@ -428,7 +430,12 @@ def attach_rm_margins(
     `state_fingerprint(reward_model)`: pass it when scoring several splits with one model), the tokenizer's
     fingerprint, the lengths the data was tokenized with and `precision` (see `scoring_context`); resumable chunk by
     chunk; DDP-sharded (every rank calls it and gets every row). `stats`, when given, gets `cache` and `mean`.
+    The weights do not say how the reward is pooled (`madpo.modeling.reward_pooling`): a pooling other than "last"
+    is appended to the model part of the key, so caches of last-token reward models keep their keys.
     """
+    fingerprint = model_fingerprint or state_fingerprint(reward_model)
+    if (pooling := reward_pooling(reward_model)) != "last":
+        fingerprint += f":pooling={pooling}"
     return _attach(
         dataset,
         reward_model,
@@ -441,7 +448,7 @@ def attach_rm_margins(
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         precision=precision,
-        model_fingerprint=model_fingerprint,
+        model_fingerprint=fingerprint,
         batch_size=batch_size,
         device=device,
         forward_context=forward_context,

@@ -243,13 +243,25 @@ def test_reward_model_margins_are_scored_and_cached(pairs, rm_dirs, tmp_path, mo
     assert len(calls) == 6
 
 
-def test_reward_model_must_be_a_reward_model_with_the_same_tokenizer(pairs, rm_dirs):
+def test_reward_model_must_be_a_reward_model_and_one_with_its_own_tokenizer_scores_the_text(pairs, rm_dirs, tmp_path):
     dm = PreferenceDataModule.from_datasets(pairs, reward_model=TINY, **SMALL)
     with pytest.raises(ValueError, match="is a causal LM"):
         dm.setup("fit")
-    dm = PreferenceDataModule.from_datasets(pairs, reward_model=rm_dirs["other_tok"], **SMALL)
-    with pytest.raises(ValueError, match="tokenizer") as e:
+    # "other_tok": rm "a"'s weights with another tokenizer that tokenizes this data alike: scored from the text with
+    # its own tokenizer (under its own budget, max_length - 1 prompt tokens), so the same margins as "a" where no
+    # prompt is cut (tests/test_reward_backbone.py: a tokenizer with other ids)
+    margins = {}
+    for name in ("a", "other_tok"):
+        dm = PreferenceDataModule.from_datasets(
+            pairs, reward_model=rm_dirs[name], cache_dir=str(tmp_path / name), **{**SMALL, "max_prompt_length": 47}
+        )
         dm.setup("fit")
+        margins[name] = dm.train_dataset["rm_margin"]
+    assert "own" in dm.stats["train"]["rm_margin"]["tokenizer"]
+    assert margins["other_tok"] == pytest.approx(margins["a"], rel=1e-6)
+    tok = load_tokenizer(TINY)  # asked to check the tokenizer (ids of `tok` to be scored): refused, naming both
+    with pytest.raises(ValueError, match="tokenizer") as e, scoring.open_reward_model(rm_dirs["other_tok"], tok):
+        pass
     assert rm_dirs["other_tok"] in str(e.value) and TINY in str(e.value)
 
 

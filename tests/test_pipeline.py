@@ -122,6 +122,9 @@ def test_artifacts(finished: tuple[Path, dict, float]) -> None:
     reward = json.loads((only_stage(out, "reward-high") / "stage.json").read_text())["stats"]
     assert reward["best_step"] in range(2, reward["global_step"] + 1, 2)
     assert reward["metrics"]["val/loss"] <= reward["last_val_metrics"]["val/loss"]
+    # its quality against the known label model, beside the TF-IDF reference, in the stats and the results page
+    assert reward["quality"]["n"] == reward["tfidf_reference"]["n"] == reward["n_val"]
+    assert "Reward-model quality on those pairs" in summary["markdown"]
 
 
 def test_second_run_is_all_cached_and_fast(finished: tuple[Path, dict, float], capsys: pytest.CaptureFixture) -> None:

@@ -33,16 +33,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from madpo.data.collate import PreferenceCollator, collate_prompts
-from madpo.data.formats import load_files
+from madpo.data.formats import RawData, load_files
 from madpo.data.loader import ResumableDataLoader, ResumableSampler
 from madpo.data.report import format_split_report, print_data_report
 from madpo.data.requirements import DataRequirements
+from madpo.data.rm_text import attach_rm_margins_from_text, rm_lengths, tokenizers_differ
 from madpo.data.samplers import LengthGroupedSampler, length_grouped_order, row_lengths
 from madpo.data.sources import check_requirements, load_splits
 from madpo.data.tokenize import tokenize_dataset, tokenize_prompts
 from madpo.distributed import get_rank, main_process_first
 from madpo.errors import UserError
-from madpo.modeling import load_tokenizer, state_fingerprint
+from madpo.modeling import check_reward_model_path, load_tokenizer, state_fingerprint
 from madpo.scoring import attach_reference_logps, attach_rm_margins, open_reward_model, scoring_context
 
 __all__ = [  # the samplers and main_process_first are imported from here too
@@ -101,8 +102,13 @@ class PreferenceDataModule(L.LightningDataModule):
             changes which pairs share a batch).
         reward_model: directory or hub id of a trained reward model (`*ForSequenceClassification`, num_labels=1, with
             its tokenizer saved alongside); when given, `rm_margin` = r(chosen) - r(rejected) is scored once and
-            cached, replacing an `rm_margin` column of the data. Without it, a module that reads margins needs an
-            `rm_margin` column in the data (e.g. margins scored, or perturbed, beforehand).
+            cached, replacing an `rm_margin` column of the data. A reward model with another tokenizer than
+            `tokenizer` (its own backbone) scores the rows' text tokenized with its own tokenizer
+            (`madpo.data.rm_text`). Without it, a module that reads margins needs an `rm_margin` column in the data
+            (e.g. margins scored, or perturbed, beforehand).
+        reward_model_max_length: with a reward model whose tokenizer differs from `tokenizer`: the tokens of
+            prompt + completion under its tokenizer (the prompt keeps its end, leaving at least one completion
+            token); None: `max_length`.
         scoring_batch_size: batch size (in pairs) for scoring rm_margin and reference log-probs.
         cache_dir: directory of the scoring cache (rm_margin, reference log-probs), keyed by data, model, tokenizer,
             lengths and precision.
@@ -131,6 +137,7 @@ class PreferenceDataModule(L.LightningDataModule):
         pad_to_multiple_of: int | None = None,
         group_by_length: bool = False,
         reward_model: str | None = None,
+        reward_model_max_length: int | None = None,
         scoring_batch_size: int = 32,
         cache_dir: str = ".cache/madpo",
         invalid_rows: Literal["raise", "drop"] = "raise",
@@ -253,7 +260,7 @@ class PreferenceDataModule(L.LightningDataModule):
             )
             raise UserError(f"no test rows left after validation and tokenization: {counts.split(' ', 1)[1]}")
         if self.hparams.reward_model is not None:
-            self._add_rm_margins(tokenized)
+            self._add_rm_margins(tokenized, raws)
         if req.reference_logps:
             self._add_reference_logps(module, tokenized)
         if stage == "test":
@@ -296,11 +303,15 @@ class PreferenceDataModule(L.LightningDataModule):
             "forward_context": forward_context,
         }
 
-    def _add_rm_margins(self, tokenized: dict[str, datasets.Dataset]) -> None:
-        path = self.hparams.reward_model
+    def _add_rm_margins(self, tokenized: dict[str, datasets.Dataset], raws: dict[str, RawData]) -> None:
+        hp = self.hparams
+        path = hp.reward_model
         args = self._scoring_args()
+        check_reward_model_path(path)
+        rm_tokenizer = load_tokenizer(path, trust_remote_code=hp.trust_remote_code)
+        own = tokenizers_differ(rm_tokenizer, self.tokenizer)  # then scored from the text, with its tokenizer
         with open_reward_model(
-            path, self.tokenizer, device=args["device"], trust_remote_code=self.hparams.trust_remote_code
+            path, None if own else self.tokenizer, device=args["device"], trust_remote_code=hp.trust_remote_code
         ) as reward_model:
             model_fingerprint = state_fingerprint(reward_model)  # once, not per split
             for split, ds in tokenized.items():
@@ -309,8 +320,24 @@ class PreferenceDataModule(L.LightningDataModule):
                         "%s data already has an rm_margin column; reward_model=%s's margins replace it", split, path
                     )
                 stats = self.stats[split]["rm_margin"] = {"source": f"reward_model={path}"}
-                tokenized[split] = attach_rm_margins(
-                    ds, reward_model, model_fingerprint=model_fingerprint, stats=stats, **args
+                if not own:
+                    tokenized[split] = attach_rm_margins(
+                        ds, reward_model, model_fingerprint=model_fingerprint, stats=stats, **args
+                    )
+                    continue
+                max_prompt_length, max_length = rm_lengths(hp.reward_model_max_length or hp.max_length)
+                shared = {k: args[k] for k in ("cache_dir", "precision", "batch_size", "device", "forward_context")}
+                tokenized[split] = attach_rm_margins_from_text(
+                    ds,
+                    raws[split],
+                    reward_model,
+                    rm_tokenizer,
+                    max_length=max_length,
+                    max_prompt_length=max_prompt_length,
+                    model_fingerprint=model_fingerprint,
+                    stats=stats,
+                    split=split,
+                    **shared,
                 )
 
     def _add_reference_logps(self, module: Any, tokenized: dict[str, datasets.Dataset]) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from madpo.data.requirements import DataRequirements
 from madpo.errors import UserError
 from madpo.modeling import load_tokenizer
 from madpo.serialize import jsonable
+from madpo.sharding import clean_name, data_parallel_mesh, full_state_dict, is_sharded, shard_modules, uses_fully_shard
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class PairwiseModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.nonfinite_steps_skipped = 0
+        self._sharded_root: list[nn.Module] = []  # FSDP2's root unit, outside the module tree (configure_model)
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_metrics": nn.ModuleDict({_metric_key(n): self._new_metric(n) for n in self.metric_names})
@@ -139,7 +142,7 @@ class PairwiseModule(L.LightningModule):
         )
 
     def _step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor | None:
-        loss, per_pair, scalars = self.compute(batch, stage)
+        loss, per_pair, scalars = self._run_step(self.compute, batch, stage)
         if not self._loss_is_finite(loss, per_pair.get("loss"), batch, batch_idx, stage):
             return None  # on_nonfinite_loss="skip": every rank skips this step together
         self._log_stats(stage, per_pair, scalars)
@@ -185,12 +188,46 @@ class PairwiseModule(L.LightningModule):
         for name, value in scalars.items():
             self.log(f"{stage}/{name}", value.detach().float(), on_step=stage == "train", on_epoch=True, batch_size=1)
 
+    # ---- sharding -----------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under a sharding strategy, shard the model here (Lightning calls this after `setup`, hence after the
+        DataModule scored the reference with the unsharded initial policy, and before the optimiser is built).
+
+        FSDP2 (`ModelParallelStrategy`): each decoder layer is `fully_shard`-ed, then one root unit around the model
+        (`madpo.sharding.ShardedRoot`), whose forward every step runs in. FSDP1 (`FSDPStrategy`) wraps the module
+        itself afterwards. Either way each parameter's shape is recorded first, so the weight-decay
+        groups see the unsharded shapes (FSDP1 leaves flat 1-D views). Without a sharding strategy nothing changes.
+        """
+        if not hasattr(self, "_param_ndims"):
+            self._param_ndims = {name: p.ndim for name, p in self.named_parameters()}
+        if uses_fully_shard(self._trainer) and not self._sharded_root:
+            mesh = data_parallel_mesh(self.trainer.strategy)
+            self._sharded_root.append(shard_modules({"model": self.model, **self._frozen_modules()}, mesh))
+
+    def _frozen_modules(self) -> dict[str, nn.Module]:
+        """Frozen models outside the module tree that the step runs and that are sharded beside the model."""
+        return {}
+
+    def _run_step(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)`, inside the FSDP2 root's forward when sharded (madpo.sharding.ShardedRoot says why)."""
+        return self._sharded_root[0](fn, *args) if self._sharded_root else fn(*args)
+
+    def _param_ndim(self, name: str, p: torch.Tensor) -> int:
+        """The parameter's unsharded number of dimensions (a DTensor reports its logical shape itself)."""
+        if "_flat_param" in name:
+            raise UserError(
+                "FSDP with use_orig_params=False: the optimiser would see flat parameters (no names, no shapes, the "
+                "root's missing); keep Lightning's FSDPStrategy default (use_orig_params=True)"
+            )
+        return getattr(self, "_param_ndims", {}).get(clean_name(name), p.ndim)
+
     # ---- optimiser ----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         opt: OptimizerOptions = self.optimizer_options
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        decay = [p for n, p in named if self._param_ndim(n, p) >= 2]
+        no_decay = [p for n, p in named if self._param_ndim(n, p) < 2]
         fused = _fused_adamw_supported(params) if opt.fused is None else opt.fused
         if opt.fused is None and "mixed" in str(self.trainer.precision) and self.trainer.gradient_clip_val:
             fused = False  # Lightning refuses gradient clipping with a fused optimizer under mixed precision
@@ -256,11 +293,19 @@ class PairwiseModule(L.LightningModule):
             return None
         return os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "hf_model")
 
-    def export(self, out_dir: str, *, merge_adapter: bool = True) -> str:
+    def export(self, out_dir: str, *, merge_adapter: bool = True, metrics: dict[str, float] | None = None) -> str:
         """Write the model as a plain transformers directory: safetensors weights, config, tokenizer, model card.
 
-        A LoRA model is merged into its base first (on a copy), so plain `AutoModelFor...` loads the export.
+        A LoRA model is merged into its base first (on a copy), so plain `AutoModelFor...` loads the export. A sharded
+        model is gathered first: then this is collective (every rank calls it; rank 0 writes).
         """
+        if metrics is None and self._trainer is not None:
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        if is_sharded(self.model):
+            state = full_state_dict(self.trainer.strategy.model, prefix="model.")
+            if self.trainer.is_global_zero:
+                self._unsharded_copy(state).export(out_dir, merge_adapter=merge_adapter, metrics=metrics)
+            return out_dir
         model = self.model
         if merge_adapter and hasattr(model, "merge_and_unload"):
             import copy
@@ -271,28 +316,37 @@ class PairwiseModule(L.LightningModule):
         load_tokenizer(
             self.hparams.model_name_or_path, trust_remote_code=self.hparams.trust_remote_code
         ).save_pretrained(out_dir)
-        metrics = {}
-        if self._trainer is not None:
-            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
         card = {
             "library": "madpo",
             "module": type(self).__name__,
             "hparams": jsonable(dict(self.hparams), default=str),
-            "metrics": metrics,
+            "metrics": metrics or {},
         }
         with open(os.path.join(out_dir, "README.md"), "w") as f:
             f.write(f"# {type(self).__name__} export (madpo)\n\nLoads with plain transformers.\n\n")
             f.write("```json\n" + json.dumps(card, indent=2, sort_keys=True) + "\n```\n")
         return out_dir
 
+    def _unsharded_copy(self, model_state: dict[str, torch.Tensor]) -> PairwiseModule:
+        """A fresh, unsharded module from this one's hyperparameters, holding `model_state` (this model's full state
+        dict): the sharded model cannot be copied or merged in place. Costs a second copy of the model in CPU memory."""
+        hparams = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+        for key, options in (("optimizer", OptimizerOptions), ("lora", LoraOptions)):
+            if isinstance(hparams.get(key), dict):  # as LightningCLI and checkpoints hand them over
+                hparams[key] = options(**hparams[key])
+        clone = type(self)(**hparams)
+        clone.model.load_state_dict(model_state, strict=True)
+        return clone
+
     def on_fit_end(self) -> None:
         self._log_final_hparams()
         if not self.hparams.get("export", True):
             return
         out_dir = self.hparams.get("export_dir") or self.default_export_dir()
-        if out_dir and self.trainer.is_global_zero:
+        if out_dir and (self.trainer.is_global_zero or is_sharded(self.model)):  # sharded: every rank gathers
             self.export(out_dir)
-            print(f"[madpo] {type(self).__name__} exported to {out_dir}")
+            if self.trainer.is_global_zero:
+                print(f"[madpo] {type(self).__name__} exported to {out_dir}")
         if self.trainer.world_size > 1:
             self.trainer.strategy.barrier("madpo-export")
 

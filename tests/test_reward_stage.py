@@ -1,0 +1,108 @@
+"""The pipeline's reward stage on its own (stand-in upstream results: the tiny Llama as base model, pairs from
+tests/data with a synthetic oracle): the reward-model quality it reports and logs, and a reward model with its own
+backbone and tokenizer whose margins the policy stage reads on its own token ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from madpo.pipeline.config import RewardConfig
+from madpo.pipeline.stages.base import Context, StageResult, TrainingSettings
+from madpo.pipeline.stages.reward import RewardInputs, stage_reward
+from tests.conftest import DATA, TINY_LLAMA
+from tests.helpers import scalars
+
+LENGTHS = (40, 96)
+SETTINGS = TrainingSettings(
+    accelerator="cpu", devices=1, precision="32-true", gradient_clip_val=None, log_every_n_steps=1
+)
+
+
+def _rows(path: Path, seed: int) -> list[dict]:
+    """The pairs of `path` with a synthetic oracle: gaps of either sign (labels against the oracle on some)."""
+    rng = np.random.default_rng(seed)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in rows:
+        a, b = rng.normal(size=2)
+        r.update({"oracle_chosen": float(a), "oracle_rejected": float(b), "label_agrees_with_oracle": bool(a >= b)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> tuple[StageResult, StageResult]:
+    root = tmp_path_factory.mktemp("pairs")
+    outputs = {}
+    for split, source, n in (("train", "pairs_train.jsonl", 48), ("eval", "pairs_val.jsonl", 24)):
+        target = root / "pairs" / "high" / f"{split}.jsonl"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(json.dumps(r) + "\n" for r in _rows(DATA / source, len(split))[:n]))
+        outputs[f"high/{split}"] = str(target.relative_to(root))
+    base = StageResult("base_model", "base_model", root, "b0", {"outputs": {"model": TINY_LLAMA}}, cached=True)
+    pairs = StageResult("pairs", "pairs", root, "p0", {"outputs": outputs}, cached=True)
+    return base, pairs
+
+
+def _run(tmp_path: Path, upstream: tuple[StageResult, StageResult], **cfg) -> StageResult:
+    reward = RewardConfig(batch_size=8, epochs=1, max_steps=3, n_val=16, **cfg)
+    inputs = RewardInputs(reward, "high", *LENGTHS, SETTINGS, *upstream)
+    return stage_reward(Context(tmp_path / "run", progress_bar=False), inputs)
+
+
+def test_reward_stage_reports_and_logs_reward_model_quality(tmp_path, upstream):
+    result = _run(tmp_path, upstream)
+    quality, reference = result.stats["quality"], result.stats["tfidf_reference"]
+    assert quality["n"] == result.stats["n_val"] == 16 and reference["n"] == 16 and reference["n_train"] == 48
+    assert quality["bayes_bt_loss"] == pytest.approx(reference["bayes_bt_loss"])  # the same pairs, the same floor
+    for q in (quality, reference):
+        assert q["bt_excess"] == pytest.approx(q["rm_bt_loss"] - q["bayes_bt_loss"])
+        assert 0 <= q["oracle_agreement"] <= 1 and -1 <= q["corr"] <= 1
+    # the margins the quality is computed from are what validation saw: its accuracy against the labels
+    assert quality["rm_accuracy"] == pytest.approx(result.stats["metrics"]["val/accuracy"], abs=1e-6)
+    logged = scalars(result.path / "tensorboard")
+    step = result.stats["global_step"]
+    assert logged["rm_quality/bt_excess"] == [(step, pytest.approx(quality["bt_excess"], rel=1e-6))]
+    assert logged["rm_quality_tfidf/oracle_agreement"] == [(step, pytest.approx(reference["oracle_agreement"]))]
+    assert json.loads((result.path / "stage.json").read_text())["stats"]["quality"] == quality
+
+
+def test_reward_model_with_its_own_backbone_trains_and_the_policy_reads_its_margins(tmp_path, upstream):
+    from madpo.data.collate import PreferenceCollator
+    from madpo.data.formats import load_in_memory
+    from madpo.data.tokenize import tokenize_dataset
+    from madpo.modeling import load_reward_model, load_tokenizer, reward_pooling
+    from madpo.pipeline.stages.pairs import pair_data
+    from madpo.pipeline.stages.reward import score_rm_margins
+    from madpo.scoring import score_margins
+    from tests.test_reward_backbone import make_tiny_bert
+
+    bert = make_tiny_bert(tmp_path / "bert")
+    result = _run(tmp_path, upstream, backbone=bert, pooling="mean", max_length=64)
+    assert result.stats["lengths"] == [63, 64] and result.stats["pooling"] == "mean"
+    rm_path = result.output("model")
+    rm = load_reward_model(rm_path)
+    assert type(rm).__name__ == "BertForSequenceClassification" and reward_pooling(rm) == "mean"
+    assert result.stats["quality"]["n"] == 16 and result.stats["tfidf_reference"]["n"] == 16
+    # the policy stage's call: rows tokenized with the policy's tokenizer, margins of the BERT reward model read
+    # from the text with its own tokenizer and budget, aligned by `index`
+    policy_tok = load_tokenizer(TINY_LLAMA)
+    ctx = Context(tmp_path / "run", progress_bar=False)
+    train, _, _, _ = pair_data(upstream[1], "high", 0, policy_tok, LENGTHS[0])
+    scored, stats = score_rm_margins(ctx, result, policy_tok, {"train": train}, LENGTHS, under=None)
+    policy_ids, _ = tokenize_dataset(load_in_memory(train), policy_tok, max_length=96, max_prompt_length=40)
+    assert scored["train"]["chosen_ids"] == policy_ids["chosen_ids"] and stats["train"]["cache"] == "miss"
+    rm_tok = load_tokenizer(rm_path)
+    rm_ids, _ = tokenize_dataset(load_in_memory(train), rm_tok, max_length=64, max_prompt_length=63)
+    want = score_margins(rm, rm_ids, PreferenceCollator(rm_tok.pad_token_id), progress=False)
+    by_index = dict(zip(rm_ids["index"], want.tolist(), strict=True))
+    assert scored["train"]["rm_margin"] == pytest.approx([by_index[i] for i in scored["train"]["index"]], rel=1e-6)
+    _, again = score_rm_margins(ctx, result, policy_tok, {"train": train}, LENGTHS, under=None)
+    assert again["train"]["cache"] == "hit"
+
+
+def test_reward_max_length_needs_a_backbone(tmp_path, upstream):
+    with pytest.raises(Exception, match="needs reward.backbone"):
+        _run(tmp_path, upstream, max_length=64)
