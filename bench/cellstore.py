@@ -25,25 +25,55 @@ from madpo.io import atomic_write_json
 from madpo.pipeline.config import PipelineConfig, PolicyConfig
 from madpo.pipeline.stages.base import PIPELINE_VERSION, UNKEYED_TRAINER_FIELDS, _canonical
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 """Bump when what a cell file holds changes meaning, so that old files stop matching."""
 
 
-def cell_spec(cfg: PipelineConfig, policy: PolicyConfig, **extra: Any) -> dict:
-    """What defines a cell: the pipeline config without its output dir, display-only trainer fields and default
-    policy section (the cell's own `policy` replaces it), plus `extra` (a margin source, a label)."""
+def cell_spec(cfg: PipelineConfig, policy: PolicyConfig | None, **extra: Any) -> dict:
+    """What defines a cell: the pipeline config without its output dir, display-only trainer fields, the methods
+    compared in the pipeline's own results and its default policy section (the cell's own `policy` replaces it; None
+    for a cell that trains no policy, such as a reward model's), plus `extra` (a margin source, a label). The
+    `reward` section is left out of policy cells that read no reward model (DPO, synthetic margins), so that a change
+    of reward model keeps them."""
     pipeline = _canonical(cfg)
-    for field in ("output_dir", "policy", "stop_after"):
+    for field in ("output_dir", "policy", "stop_after", "compare_with"):
         pipeline.pop(field, None)
     for field in UNKEYED_TRAINER_FIELDS:
         pipeline["trainer"].pop(field, None)
+    if policy is not None and not policy.needs_reward_model:
+        pipeline.pop("reward", None)
     return {
         "spec_version": SPEC_VERSION,
         "pipeline_version": PIPELINE_VERSION,
         "pipeline": pipeline,
-        "policy": _canonical(policy),
+        "policy": _canonical(policy) if policy is not None else None,
         "extra": _canonical(extra),
     }
+
+
+_ABSENT = object()
+
+
+def default_spec() -> dict:
+    """The spec of the default config and policy: where `compatible` reads a field's default value."""
+    return cell_spec(PipelineConfig(), PolicyConfig())
+
+
+def compatible(stored: Any, current: Any, default: Any = _ABSENT) -> bool:
+    """Whether a stored spec stands for the current one: equal, except keys the current code has and the stored spec
+    lacks (fields added since it was written) whose value is their default. The versions must be equal."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        if not set(stored) <= set(current):
+            return False
+        defaults = default if isinstance(default, dict) else {}
+        for key, value in current.items():
+            if key in stored:
+                if not compatible(stored[key], value, defaults.get(key, _ABSENT)):
+                    return False
+            elif key not in defaults or value != defaults[key]:
+                return False
+        return True
+    return stored == current
 
 
 def spec_key(spec: dict) -> str:
@@ -66,12 +96,22 @@ class CellStore:
         return found[0] if found else self.root / f"{name}-{key}.json"
 
     def get(self, spec: dict) -> dict | None:
-        """The stored record `{spec, result, machine, finished}` of this spec, or None."""
+        """The stored record `{spec, result, machine, finished}` of this spec, or None. A cell stored before the code
+        gained a config field still matches while that field is at its default (`compatible`): adding an option
+        does not throw away hours of committed cells."""
         path = self.path(spec)
-        if not path.exists():
+        if path.exists():
+            record = json.loads(path.read_text())
+            if record.get("spec") == spec:
+                return record
+        if not self.root.is_dir():
             return None
-        record = json.loads(path.read_text())
-        return record if record.get("spec") == spec else None
+        defaults = default_spec()
+        for other in sorted(self.root.glob("*.json")):
+            record = json.loads(other.read_text())
+            if compatible(record.get("spec"), spec, defaults):
+                return record
+        return None
 
     def put(self, spec: dict, result: dict, *, name: str = "cell") -> dict:
         """Write `result` for `spec` (`name` prefixes the file name for a reader) and return the record."""

@@ -41,7 +41,8 @@ if str(BENCH) not in sys.path:  # the bench modules import as siblings, whether 
 
 import numpy as np  # noqa: E402
 from cellstore import CellStore, cell_spec  # noqa: E402
-from reproduce import Cell, run_cell  # noqa: E402
+from rm_quality import VARIANTS, variant_config  # noqa: E402
+from sweep.cells import Cell, run_cell  # noqa: E402
 
 from madpo.pipeline.config import TIER_NAMES, PipelineConfig, PolicyConfig  # noqa: E402
 from madpo.pipeline.run import configure_logging, parse_config  # noqa: E402
@@ -64,6 +65,11 @@ def curve_parser() -> argparse.ArgumentParser:
         "--levels", default="0,0.5,1,2,4,random", help="oracle-margin noise σ levels, and 'random' for chance margins"
     )
     p.add_argument("--no-reward-model", action="store_true", help="leave out MADPO with the trained reward model")
+    p.add_argument(
+        "--rm-variants",
+        default="config",
+        help="the trained reward models placed on the curve: variants of bench/rm_quality.py (config: the config's)",
+    )
     p.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     p.add_argument("--cells-dir", default=str(CELLS), help="where finished cells are stored and found")
     p.add_argument("--jobs", type=int, default=1, help="worker processes for the pending cells (threads split)")
@@ -99,24 +105,38 @@ class Planned:
     policy: PolicyConfig
     level: str
     spec: dict
+    rm_variant: str | None = None
+
+
+def rm_level(variant: str) -> str:
+    """The level name of MADPO with a reward-model variant's margins (`RM_LEVEL` for the config's own)."""
+    return RM_LEVEL if variant == "config" else f"{RM_LEVEL}:{variant}"
 
 
 def plan(opts: argparse.Namespace, cfg: PipelineConfig) -> list[Planned]:
-    """Per (tier, seed): DPO once, MADPO per level, and MADPO with the reward model (unless left out)."""
+    """Per (tier, seed): DPO once, MADPO per level, and MADPO with each reward-model variant (unless left out)."""
     base = dataclasses.replace(cfg.policy, margin_source="reward_model", margin_source_noise_std=0.0)
-    levels = parse_levels(opts.levels) + ([] if opts.no_reward_model else [RM_LEVEL])
+    variants = [] if opts.no_reward_model else _items(opts.rm_variants)
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"rm_quality_curve: unknown reward-model variant {v!r}; expected some of {list(VARIANTS)}")
+    levels = parse_levels(opts.levels)
     out = []
     for tier in _items(opts.tiers):
         for seed in (int(s) for s in _items(opts.seeds)):
             cells = [("dpo", dataclasses.replace(base, method="dpo", tier=tier, seed=seed))]
             for level in levels:
-                source = {RM_LEVEL: RM_LEVEL, "random": "random"}.get(level, "oracle")
+                source = "random" if level == "random" else "oracle"
                 sigma = float(level) if source == "oracle" else 0.0
                 madpo = dataclasses.replace(
                     base, method="madpo", tier=tier, seed=seed, margin_source=source, margin_source_noise_std=sigma
                 )
                 cells.append((level, madpo))
             out += [Planned(p, level, cell_spec(cfg, p, source=level)) for level, p in cells]
+            madpo = dataclasses.replace(base, method="madpo", tier=tier, seed=seed)
+            for v in variants:
+                spec = cell_spec(variant_config(cfg, v), madpo, source=rm_level(v))
+                out.append(Planned(madpo, rm_level(v), spec, rm_variant=v))
     return out
 
 
@@ -134,17 +154,31 @@ def quality(pipe: Pipeline, policy: PolicyConfig, stage_stats: dict) -> dict | N
     return rm_quality(m, [r["oracle_chosen"] - r["oracle_rejected"] for r in rows])
 
 
-def run_one(pipe: Pipeline, store: CellStore, item: Planned) -> dict:
+def run_one(pipes: Pipelines, store: CellStore, item: Planned) -> dict:
     """Train (or find in the stage cache) and evaluate one cell, and store it."""
+    pipe = pipes(item.rm_variant)
     cell = run_cell(pipe, item.policy)
     stats = pipe.policy(item.policy).stats  # memoised: the stage run_cell just ran
     result = {"level": item.level, "cell": dataclasses.asdict(cell), "quality": quality(pipe, item.policy, stats)}
     return store.put(item.spec, result, name=policy_label(item.policy))
 
 
+class Pipelines:
+    """One `Pipeline` per reward-model variant, built when first asked for (they share the stage output dir)."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.built: dict[str | None, Pipeline] = {}
+
+    def __call__(self, variant: str | None) -> Pipeline:
+        if variant not in self.built:
+            self.built[variant] = Pipeline(self.cfg if variant is None else variant_config(self.cfg, variant))
+        return self.built[variant]
+
+
 def run_workers(opts: argparse.Namespace, argv: list[str], cfg: PipelineConfig) -> None:
-    """`--jobs n`: n copies of this script, worker k running pending cells k, k+n, ..., each storing what it
-    finishes (bench/reproduce.py's approach: they share the stage output dir and nothing else)."""
+    """`--jobs n`: n copies of this script, worker k running the pending ones of planned cells k, k+n, ..., each
+    storing what it finishes (they share the stage output dir and the store, nothing else)."""
     threads = max(1, (cfg.trainer.num_threads or os.cpu_count() or 1) // opts.jobs)
     procs = []
     for k in range(opts.jobs):
@@ -214,7 +248,9 @@ def curve_rows(records: list[tuple[Planned, dict]]) -> list[dict]:
 
 
 def level_name(level: str) -> str:
-    return {"random": "random", RM_LEVEL: "reward model"}.get(level, f"oracle + N(0, {level}²)")
+    if level.startswith(RM_LEVEL):
+        return "reward model" + (f" `{level.split(':', 1)[1]}`" if ":" in level else " (the config's)")
+    return {"random": "random"}.get(level, f"oracle + N(0, {level}²)")
 
 
 def plot(rows: list[dict], png: Path) -> None:
@@ -238,7 +274,7 @@ def plot(rows: list[dict], png: Path) -> None:
                         (
                             r
                             for r in rows
-                            if r["tier"] == tier and (r["level"] == RM_LEVEL) == rm and r[x_key] is not None
+                            if r["tier"] == tier and r["level"].startswith(RM_LEVEL) == rm and r[x_key] is not None
                         ),
                         key=lambda r: r[x_key],
                     )
@@ -376,22 +412,25 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
             import torch
 
             torch.set_num_threads(cfg.trainer.num_threads)
-        pipe = Pipeline(cfg)
+        pipes = Pipelines(cfg)
         if opts.shard:
+            # a share of the plan, not of the pending list: each worker reads the store when it starts, after the
+            # other may have stored a cell, so shares of the pending list could overlap and train a cell twice
             k, n = (int(v) for v in opts.shard.split("/"))
-            for i, item in enumerate(pending[k::n], 1):
-                say(f"rm_quality_curve worker {k}/{n}: cell {i}: {policy_label(item.policy)}")
-                run_one(pipe, store, item)
+            for i, item in enumerate(planned[k::n], 1):
+                if store.get(item.spec) is None:
+                    say(f"rm_quality_curve worker {k}/{n}: cell {i}: {policy_label(item.policy)}")
+                    run_one(pipes, store, item)
             return {}
         if opts.jobs > 1:
-            pipe.pairs()  # upstream stages and the reward models here, so that no two workers train the same one
-            for tier in sorted({p.policy.tier for p in pending if p.policy.needs_reward_model}):
-                pipe.reward(tier)
+            pipes(None).pairs()  # upstream stages and the reward models here, so that no two workers train one twice
+            for variant, tier in sorted({(p.rm_variant, p.policy.tier) for p in pending if p.rm_variant}):
+                pipes(variant).reward(tier)
             run_workers(opts, argv, cfg)
         else:
             for i, item in enumerate(pending, 1):
                 say(f"rm_quality_curve: cell {i}/{len(pending)}: {policy_label(item.policy)}")
-                run_one(pipe, store, item)
+                run_one(pipes, store, item)
                 write_report(opts, argv, cfg, [(p, r) for p in planned if (r := store.get(p.spec))], len(planned))
     records = [(p, r) for p in planned if (r := store.get(p.spec))]
     paths = write_report(opts, argv, cfg, records, len(planned))

@@ -8,6 +8,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from madpo.distributed import is_initialized
 from madpo.errors import UserError
@@ -27,6 +28,34 @@ class DestroyProcessGroup(L.Callback):
         if is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """`last.ckpt`: the latest training state, rewritten at every point where Lightning checkpoints, for
+    `--ckpt_path last` (the CLI's `last_checkpoint`, beside its best-on-val/loss `checkpoint`). A class of its own
+    so that its state key differs from the other ModelCheckpoint's even when both monitor nothing."""
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str = "last",
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        save_on_train_epoch_end: bool | None = None,
+        save_weights_only: bool = False,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            enable_version_counter=False,
+            every_n_train_steps=every_n_train_steps,
+            every_n_epochs=every_n_epochs,
+            save_on_train_epoch_end=save_on_train_epoch_end,
+            save_weights_only=save_weights_only,
+        )
 
 
 class KeepBestWeights(L.Callback):

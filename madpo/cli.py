@@ -1,9 +1,9 @@
 """The command line: `python cli.py fit|validate|test|predict -c ...` (LightningCLI), `python cli.py pipeline ...`.
 
 The model is picked by `class_path` in the YAML (`madpo.RewardLightningModule` or `madpo.PolicyLightningModule`); the
-data always goes through `PreferenceDataModule`. A ModelCheckpoint (last + best on val/loss), the TensorBoard logger
-and a process-group teardown are on by default; `predict` writes its samples with `madpo.predict.PredictionWriter`
-(`--predictions.path`).
+data always goes through `PreferenceDataModule`. Two ModelCheckpoints (`checkpoint`: the best on val/loss;
+`last_checkpoint`: `last.ckpt`, the latest state), the TensorBoard logger and a process-group teardown are on by
+default; `predict` writes its samples with `madpo.predict.PredictionWriter` (`--predictions.path`).
 
 Errors: a user error (bad data, config or path; see `madpo.errors`) prints one `madpo: error: <message>` line on
 stderr and exits with status 2, as a bad argument does; a bug shows its traceback (exit 1). `MADPO_DEBUG=1` or
@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from madpo.callbacks import DestroyProcessGroup, PairThroughput
+from madpo.callbacks import DestroyProcessGroup, LatestCheckpoint, PairThroughput
 from madpo.data import PreferenceDataModule
 from madpo.errors import DEBUG_ENV, report_user_error
 from madpo.predict import PredictionWriter
@@ -33,10 +33,14 @@ from madpo.predict import PredictionWriter
 
 class MadpoCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # two checkpoints: the best on val/loss, and `last.ckpt`, the latest state that `--ckpt_path last` resumes.
+        # One callback cannot do both: Lightning 2.6 rewrites a monitored callback's last.ckpt only at the steps it
+        # saves a new best, so a resume would go back to the best step rather than continue from the latest.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
                 "checkpoint.save_top_k": 1,

@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
@@ -115,3 +117,17 @@ class BreakResume(Callback):
             for state in loaders:
                 state["batches_trained"] += 1 if self.how == "skip_batch" else -1
                 assert state["batches_trained"] >= 0, state
+
+
+def load_bench_script(name: str, monkeypatch: Any) -> ModuleType:
+    """`bench/<name>.py` as a module (bench scripts are not a package), registered in `sys.modules` for the test's
+    duration: dataclasses look their module up there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+

@@ -162,3 +162,21 @@ def test_bf16_mixed_with_gradient_clipping_trains(tmp_path):
         tiny_args("dpo.yaml", tmp_path, *SHORT, "--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=1.0")
     )
     assert (tmp_path / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("one_callback", [False, True], ids=["default", "lightning_save_last"])
+def test_last_ckpt_is_the_latest_state_even_when_the_best_is_earlier(one_callback, tmp_path):
+    """`--ckpt_path last` must continue from the latest step. Monitoring `step` in mode min makes the first save the
+    best for ever; Lightning's own `save_last` on that callback then leaves last.ckpt at that step (the guarantee
+    broken, asserted too), madpo's separate `last_checkpoint` keeps it at the final step."""
+    common = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1"]
+    common += ["--checkpoint.monitor=step", "--checkpoint.mode=min"]
+    if one_callback:  # the single-callback setup madpo had: best + Lightning's save_last
+        common += ["--checkpoint.save_last=true", "--last_checkpoint.filename=unused"]
+    cli_main(tiny_args("dpo.yaml", tmp_path, *common))
+    checkpoints = tmp_path / "runs" / "run" / "version_0" / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    best = [p.name for p in checkpoints.glob("epoch=*.ckpt")]
+    assert (checkpoints / "unused.ckpt").exists() == one_callback
+    assert best == ["epoch=0-step=3.ckpt"]
+    assert last == (3 if one_callback else 6)

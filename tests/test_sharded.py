@@ -32,13 +32,13 @@ COMMON = (
     "--trainer.limit_val_batches=2",
     "--trainer.log_every_n_steps=1",
 )
-# validate and checkpoint after every step (no monitor: Lightning refreshes last.ckpt only with a new top-k one, and
-# this val/loss rises); keep the best val/loss weights, which here are step 1's, so the export is not the last step's
-# weights: KeepBestWeights is exercised on shards too
+# validate and checkpoint after every step (the best on val/loss, which rises here, and last.ckpt, the latest); keep
+# the best val/loss weights, which here are step 1's, so the export is not the last step's weights: KeepBestWeights
+# is exercised on shards too
 EVERY_STEP = (
     "--trainer.val_check_interval=1",
     "--checkpoint.save_on_train_epoch_end=false",
-    "--checkpoint.monitor=null",
+    "--last_checkpoint.save_on_train_epoch_end=false",
     "--trainer.callbacks+=madpo.callbacks.KeepBestWeights",
     "--trainer.callbacks+=tests.helpers.KillAtStep",
 )

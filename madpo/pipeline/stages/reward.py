@@ -3,6 +3,7 @@ m = r(chosen) − r(rejected) on a tier's pairs, which the MADPO policy stage re
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from madpo.pipeline.stages.base import (
     run_stage,
     say,
 )
-from madpo.pipeline.stages.pairs import load_pairs, pair_data
+from madpo.pipeline.stages.pairs import PAIR_COLUMNS, load_pairs, pair_data
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,6 @@ class RewardInputs(StageInputs):
 
 def train_reward_model(inputs: RewardInputs, path: Path, ctx: Context) -> StageOutput:
     from madpo.modeling import load_tokenizer
-    from madpo.modules.reward import RewardLightningModule
 
     cfg, tier = inputs.cfg, inputs.tier
     if cfg.max_length is not None and cfg.backbone is None:
@@ -71,18 +71,14 @@ def train_reward_model(inputs: RewardInputs, path: Path, ctx: Context) -> StageO
     max_prompt_length, max_length = inputs.rm_lengths
     train, val, train_rows, n_val = pair_data(inputs.pairs, tier, cfg.n_val, tok, max_prompt_length)
     n_train = len(train_rows)
-    module = RewardLightningModule(
-        backbone,
-        optimizer=training.optimizer_options(inputs.training, cfg.lr, cfg.warmup_ratio),
-        lora=cfg.lora,
-        export_dir=str(path / "model"),
-        pooling=cfg.pooling,
-    )
+    warm = None
+    if cfg.warm_start:
+        backbone, warm = warm_start(ctx, inputs, path, backbone, val, lengths=(max_prompt_length, max_length))
     result, _ = training.fit(
         ctx,
         inputs.training,
         path,
-        module,
+        reward_module(inputs, backbone, path / "model"),
         train,
         val,
         tokenizer=backbone,
@@ -101,35 +97,105 @@ def train_reward_model(inputs: RewardInputs, path: Path, ctx: Context) -> StageO
         say(f"reward model ({tier}): validation accuracy {acc:.3f} on {n_val} eval pairs (noisy labels)")
     # what scoring reads back: the lengths it trained at (its own tokenizer's, with a backbone) and its pooling
     stats = {"n_train": n_train, "n_val": n_val, "lengths": [max_prompt_length, max_length], **result}
-    stats.update({"backbone": cfg.backbone, "pooling": cfg.pooling})
+    stats.update({"backbone": cfg.backbone, "pooling": cfg.pooling, "warm_start": warm, "kept": "preference_fit"})
+    if warm is not None and val is not None:
+        warm["quality"] = reward_model_quality(ctx, inputs, Path(backbone), tok, val, train_rows)["quality"]
+        if warm["metrics"]["val/loss"] < result["metrics"]["val/loss"]:
+            # early stopping with the warm start as step 0: the preference pairs did not improve on it
+            say(f"reward model ({tier}): the warm start validates better than any preference-fit step; kept it")
+            shutil.rmtree(path / "model")
+            shutil.copytree(backbone, path / "model")
+            stats.update({"kept": "warm_start", "metrics": warm["metrics"], "best_step": 0})
     if val is not None:
-        stats.update(reward_model_quality(ctx, inputs, path, tok, val, train_rows, global_step=result["global_step"]))
+        stats.update(
+            reward_model_quality(ctx, inputs, path / "model", tok, val, train_rows, global_step=result["global_step"])
+        )
     return StageOutput({"model": "model"}, stats)
 
 
+def reward_module(inputs: RewardInputs, backbone: str, export_dir: Path) -> Any:
+    """A `RewardLightningModule` on `backbone` with the reward section's optimiser, LoRA and pooling."""
+    from madpo.modules.reward import RewardLightningModule
+
+    cfg = inputs.cfg
+    return RewardLightningModule(
+        backbone,
+        optimizer=training.optimizer_options(inputs.training, cfg.lr, cfg.warmup_ratio),
+        lora=cfg.lora,
+        export_dir=str(export_dir),
+        pooling=cfg.pooling,
+    )
+
+
+def warm_start(
+    ctx: Context, inputs: RewardInputs, path: Path, backbone: str, val: Any, *, lengths: tuple[int, int]
+) -> tuple[str, dict]:
+    """`reward.warm_start`: a reward model trained with the BT loss on labelled sentiment pairs (validated on the
+    tier's validation pairs, so its `val/*` metrics are its zero-shot quality there), exported for the preference
+    pairs to continue from. Returns (its directory, its training stats)."""
+    from madpo.pipeline.reviews import sentiment_pairs
+
+    cfg = inputs.cfg
+    rows = sentiment_pairs(cfg.warm_start, cfg.seed)
+    out = path / "warm_start"
+    result, _ = training.fit(
+        ctx,
+        inputs.training,
+        out,
+        reward_module(inputs, backbone, out / "model"),
+        training.dataset(rows, PAIR_COLUMNS),
+        val,
+        tokenizer=backbone,
+        max_length=lengths[1],
+        max_prompt_length=lengths[0],
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        epochs=cfg.warm_start_epochs,
+        max_steps=None,
+    )
+    acc = result["metrics"].get("val/accuracy")
+    say(
+        f"reward model ({inputs.tier}) after its {cfg.warm_start} warm start ({len(rows)} pairs): "
+        f"validation accuracy {acc if acc is None else round(acc, 3)}"
+    )
+    return str(out / "model"), {"source": cfg.warm_start, "n_pairs": len(rows), **result}
+
+
 def reward_model_quality(
-    ctx: Context, inputs: RewardInputs, path: Path, tok: Any, val: Any, train_rows: list[dict], *, global_step: int
+    ctx: Context,
+    inputs: RewardInputs,
+    model: Path,
+    tok: Any,
+    val: Any,
+    train_rows: list[dict],
+    *,
+    global_step: int | None = None,
 ) -> dict[str, dict]:
     """`{"quality": ..., "tfidf_reference": ...}`: `rm_quality` of the exported reward model's margins on the
     validation pairs it was validated on (scored as the policy reads them: under the stage's Trainer settings,
     through the scoring cache) against their oracle gaps, beside a TF-IDF Bradley–Terry model trained on the same
     training pairs. Validation accuracy against noisy labels cannot tell a weak reward model from hard pairs; these
     measures, next to the Bayes floor of the known label model, can. Said on one line and logged to the stage's
-    TensorBoard run under `rm_quality/` and `rm_quality_tfidf/`."""
+    TensorBoard run under `rm_quality/` and `rm_quality_tfidf/` (with a `global_step`; the stage dir is the model
+    dir's parent)."""
     from madpo.pipeline.rm_quality import quality_line, rm_quality, tfidf_bt_reference
 
     val_rows = load_pairs(inputs.pairs, inputs.tier, "eval")
     val_rows = val_rows[: inputs.cfg.n_val] if inputs.cfg.n_val is not None else val_rows
     lengths = inputs.rm_lengths  # `tok` is the reward model's tokenizer: its own ids, as it validated on them
     scored, _ = _score_margins_at(
-        ctx, str(path / "model"), tok, {"val": val}, lengths, rm_lengths=lengths, under=inputs.training
+        ctx, str(model), tok, {"val": val}, lengths, rm_lengths=lengths, under=inputs.training
     )
     kept = [val_rows[i] for i in scored["val"]["index"]]  # rows tokenization dropped are dropped here too
     gaps = [r["oracle_chosen"] - r["oracle_rejected"] for r in kept]
     quality = rm_quality(scored["val"]["rm_margin"], gaps)
     reference = tfidf_bt_reference(train_rows, kept)
-    say(f"reward model ({inputs.tier}) quality on its validation pairs: {quality_line(quality, reference)}")
-    _log_quality(path, {"rm_quality": quality, "rm_quality_tfidf": reference}, global_step)
+    say(
+        f"reward model ({inputs.tier}, {model.parent.name}/{model.name}) quality on its validation pairs: "
+        f"{quality_line(quality, reference)}"
+    )
+    if global_step is not None:
+        _log_quality(model.parent, {"rm_quality": quality, "rm_quality_tfidf": reference}, global_step)
     return {"quality": quality, "tfidf_reference": reference}
 
 

@@ -1,0 +1,248 @@
+"""Cells (one trained and evaluated policy) and the other records the sweep's reports read, all kept in one
+`CellStore`.
+
+A cell takes minutes and a sweep hours, longer than a session, and the stage cache (the pipeline's output dir) stays
+behind on the machine that built it. So every finished cell is stored as a small committed file, and so is every
+other number the reports quote (the SFT model's reward, each tier's label noise and pair counts, its reward model's
+accuracy and margins): when all of them are stored, the reports are rewritten on a fresh clone without building a
+single pipeline stage. `Records` is the one door to both: a record is read from the store when it is there and
+computed (building the pipeline on first need) and stored when it is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from cellstore import CellStore, cell_spec
+
+from madpo.pipeline.config import PipelineConfig, PolicyConfig
+from madpo.pipeline.stages import Pipeline, load_pairs, say
+
+
+@dataclasses.dataclass
+class Cell:
+    """One evaluated policy."""
+
+    method: str
+    tier: str
+    seed: int
+    mean: float
+    se: float
+    sd: float
+    kl: float
+    kl_se: float
+    policy_seconds: float
+    eval_seconds: float
+    cached: bool
+    policy_stage: str
+    eval_stage: str
+    margins: dict | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def run_cell(pipe: Pipeline, policy: PolicyConfig, **extra: Any) -> Cell:
+    """Train (or find cached) and evaluate one policy. With extra `as_method`, the cell is reported under that name
+    (an amp-only cell that is MADPO's run, a cDPO run with the oracle's ε)."""
+    policy_stage = pipe.policy(policy)
+    evaluation = pipe.evaluate_model(policy_stage)
+    r, kl = evaluation.stats["reward"], evaluation.stats["kl"]
+    return Cell(
+        method=extra.get("as_method", policy.name),
+        tier=policy.tier,
+        seed=policy.seed,
+        mean=r["mean"],
+        se=r["se"],
+        sd=r["sd"],
+        kl=kl["mean"],
+        kl_se=kl["se"],
+        policy_seconds=policy_stage.seconds,
+        eval_seconds=evaluation.seconds,
+        cached=policy_stage.cached and evaluation.cached,
+        policy_stage=policy_stage.path.name,
+        eval_stage=evaluation.path.name,
+        margins=policy_stage.stats.get("margins"),
+        extra=extra,
+    )
+
+
+def aggregate(cells: list[Cell]) -> dict:
+    """Mean over seeds; SE = SD over seeds / √n (n ≥ 2), else the single run's SE (SD/√n_prompts)."""
+    means = np.array([c.mean for c in cells])
+    kls = np.array([c.kl for c in cells])
+    n = len(cells)
+    if n >= 2:
+        se, se_kind = float(means.std(ddof=1) / math.sqrt(n)), f"over {n} seeds"
+        kl_se = float(kls.std(ddof=1) / math.sqrt(n))
+    else:
+        se, se_kind, kl_se = cells[0].se, "within run", cells[0].kl_se
+    return {"mean": float(means.mean()), "se": se, "se_kind": se_kind, "kl": float(kls.mean()), "kl_se": kl_se, "n": n}
+
+
+def paired_difference(a: list[Cell], b: list[Cell], field: str = "mean") -> dict | None:
+    """a − b over the seeds both have, paired by seed: mean, SE and a 95 % CI (Student t over n ≥ 2 seeds, else the
+    one run's 1.96·√(SE_a² + SE_b²), unpaired over prompts and so conservative). None when no seed is shared.
+    Pairing by seed removes what the seeds share (data order), which an unpaired SE would count as noise."""
+    from scipy import stats
+
+    by_a, by_b = {c.seed: c for c in a}, {c.seed: c for c in b}
+    seeds = sorted(set(by_a) & set(by_b))
+    if not seeds:
+        return None
+    d = np.array([getattr(by_a[s], field) - getattr(by_b[s], field) for s in seeds])
+    n = len(d)
+    if n >= 2:
+        se = float(d.std(ddof=1) / math.sqrt(n))
+        half, kind = float(stats.t.ppf(0.975, n - 1) * se), f"t over {n} seeds"
+    else:
+        se_field = "se" if field == "mean" else f"{field}_se"
+        se = math.hypot(getattr(by_a[seeds[0]], se_field), getattr(by_b[seeds[0]], se_field))
+        half, kind = 1.96 * se, "within run"
+    mean = float(d.mean())
+    return {"mean": mean, "se": se, "lo": mean - half, "hi": mean + half, "n": n, "ci": kind}
+
+
+def madpo_loss(policy: PolicyConfig) -> Any:
+    """The MADPOLoss the sweep's MADPO cells train with: the config's loss options carried into the madpo preset."""
+    return dataclasses.replace(policy, method="madpo").loss
+
+
+def downweight_diagnostics(pipe: Pipeline, tier: str, policy: PolicyConfig, margins: np.ndarray) -> dict:
+    """Label quality and composition of the pairs MADPO down-weights (m < 0) vs the rest, on the tier's training
+    pairs, with the weights the run's loss gives them."""
+    import torch
+
+    rows = load_pairs(pipe.pairs(), tier, "train")
+    w = madpo_loss(policy).weights(torch.tensor(margins)).numpy()
+    neg = margins < 0
+    right = np.array([r["oracle_chosen"] > r["oracle_rejected"] for r in rows])
+    original = np.array([r["chosen_source"] == "original" for r in rows])
+
+    def mean(x: np.ndarray, mask: np.ndarray) -> float:
+        return float(x[mask].mean()) if mask.any() else float("nan")
+
+    return {
+        "frac": float(neg.mean()),
+        "label_right_neg": mean(right, neg),
+        "label_right_pos": mean(right, ~neg),
+        "original_neg": mean(original, neg),
+        "original_pos": mean(original, ~neg),
+        "w_neg": mean(w, neg),
+        "w_pos": mean(w, ~neg),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Records: cells and context, read from the store or computed once and stored
+# ------------------------------------------------------------------------------------------------------------------
+
+_NO_RM = PolicyConfig(method="dpo")
+"""The policy the specs of records that read no policy are built with: fixed, so that a change of the policy
+section (lr, β) keeps the SFT and pairs records, and DPO, so that the reward section is left out of their keys."""
+
+
+def sft_spec(cfg: PipelineConfig) -> dict:
+    """The SFT model's evaluation (the table's reference row)."""
+    return cell_spec(cfg, _NO_RM, record="sft_eval")
+
+
+def pairs_spec(cfg: PipelineConfig, tier: str) -> dict:
+    """A tier's pairs: label noise against the oracle and the pair counts."""
+    return cell_spec(cfg, dataclasses.replace(_NO_RM, tier=tier), record="pairs_context")
+
+
+def reward_spec(cfg: PipelineConfig, tier: str) -> dict:
+    """A tier's reward model as MADPO reads it: validation accuracy, max |margin|, the down-weighting diagnostics
+    (these use MADPO's weight with the config's options, so the spec holds the config's MADPO loss)."""
+    policy = dataclasses.replace(cfg.policy, method="madpo", tier=tier, seed=0, margin_source="reward_model")
+    policy = dataclasses.replace(policy, margin_source_noise_std=0.0, margin_noise_std=0.0, margin_flip_fraction=0.0)
+    return cell_spec(cfg, policy, record="reward_context")
+
+
+class Records:
+    """The store, and the pipeline behind it, built only when a record is missing. `built` tells whether it was:
+    the check that a fully stored sweep touches no stage."""
+
+    def __init__(self, cfg: PipelineConfig, store: CellStore, pipeline: Callable[[PipelineConfig], Any] | None = None):
+        self.cfg, self.store = cfg, store
+        self._make = pipeline
+        self._pipe: Any = None
+
+    @property
+    def built(self) -> bool:
+        return self._pipe is not None
+
+    @property
+    def pipe(self) -> Pipeline:
+        """The pipeline, built on first use (with the trainer's thread count, as the pipeline CLI sets it)."""
+        if self._pipe is None:
+            if self.cfg.trainer.num_threads:
+                import torch
+
+                torch.set_num_threads(self.cfg.trainer.num_threads)
+            self._pipe = (self._make or Pipeline)(self.cfg)
+        return self._pipe
+
+    def _get_or_make(self, spec: dict, name: str, make: Callable[[], dict], compute: bool) -> dict | None:
+        record = self.store.get(spec)
+        if record is not None:
+            return record["result"]
+        if not compute:
+            return None
+        say(f"bench: computing record {name}")
+        return self.store.put(spec, make(), name=name)["result"]
+
+    def sft(self, compute: bool = True) -> dict | None:
+        """{'reward': the SFT model's reward stats on the evaluation prompts, 'seconds'}."""
+
+        def make() -> dict:
+            sft = self.pipe.evaluate_sft()
+            return {"reward": sft.stats["reward"], "kl": sft.stats.get("kl"), "seconds": sft.seconds}
+
+        return self._get_or_make(sft_spec(self.cfg), "sft_eval", make, compute)
+
+    def pairs_context(self, tier: str, compute: bool = True) -> dict | None:
+        """{'frac_disagree', 'n_train', 'n_eval', 'mean_abs_oracle_gap', 'composition'} of the tier's pairs."""
+
+        def make() -> dict:
+            t = self.pipe.pairs().stats["tiers"][tier]
+            train, evaluation = t["train"], t["eval"]
+            return {
+                "tier": tier,
+                "frac_disagree": train["frac_disagree"],
+                "frac_disagree_eval": evaluation.get("frac_disagree"),
+                "n_train": train["n"],
+                "n_eval": evaluation["n"],
+                "mean_abs_oracle_gap": train.get("mean_abs_oracle_gap"),
+                "composition": train.get("composition"),
+            }
+
+        return self._get_or_make(pairs_spec(self.cfg, tier), f"pairs_context-{tier}", make, compute)
+
+    def reward_context(self, tier: str, compute: bool = True) -> dict | None:
+        """{'rm_val_accuracy', 'max_abs_margin', 'downweighted'} of the tier's reward model (trains it if needed)."""
+
+        def make() -> dict:
+            margins = self.pipe.train_margins(tier)
+            return {
+                "tier": tier,
+                "rm_val_accuracy": self.pipe.reward(tier).stats["metrics"].get("val/accuracy"),
+                "max_abs_margin": float(np.abs(margins).max()),
+                "downweighted": downweight_diagnostics(self.pipe, tier, self.cfg.policy, margins),
+            }
+
+        return self._get_or_make(reward_spec(self.cfg, tier), f"reward_context-{tier}", make, compute)
+
+    def cell(self, spec: dict) -> Cell | None:
+        """The stored cell of `spec`, or None."""
+        record = self.store.get(spec)
+        return Cell(**record["result"]["cell"]) if record is not None else None
+
+    def run(self, policy: PolicyConfig, spec: dict, name: str) -> Cell:
+        """Train (or find in the stage cache) and evaluate one cell, and store it."""
+        cell = run_cell(self.pipe, policy)
+        self.store.put(spec, {"cell": dataclasses.asdict(cell)}, name=name)
+        return cell

@@ -1,0 +1,102 @@
+"""The reward–KL frontier (a PNG and its table) and the margin-robustness report, written from stored cells."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from madpo.pipeline.config import PipelineConfig
+
+from .cells import Cell, aggregate
+from .report import header
+
+
+def frontier_report(
+    cfg: PipelineConfig, argv: list[str], wall: float, cells: list[Cell], knob: str, out_dir: Path
+) -> str:
+    """reward_kl_frontier.md (+ .png beside it): DPO and MADPO over the knob's grid, mean over seeds per value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    summary: list[str] = []
+    for method, color in (("dpo", "tab:blue"), ("madpo", "tab:red")):
+        mine = [c for c in cells if c.method == method]
+        if not mine:
+            continue
+        ax.scatter([c.kl for c in mine], [c.mean for c in mine], color=color, alpha=0.3, s=14)  # each seed
+        points = []
+        for v in sorted({c.extra[knob] for c in mine}):
+            points.append((v, aggregate([c for c in mine if c.extra[knob] == v])))  # mean over seeds per knob value
+        points.sort(key=lambda p: p[1]["kl"])
+        kl, mean = [a["kl"] for _, a in points], [a["mean"] for _, a in points]
+        ax.errorbar(
+            kl,
+            mean,
+            xerr=[1.96 * a["kl_se"] for _, a in points],
+            yerr=[1.96 * a["se"] for _, a in points],
+            marker="o",
+            color=color,
+            label=f"{method} (mean over seeds, 95 % CI)",
+            capsize=3,
+        )
+        for (v, a), x, y in zip(points, kl, mean, strict=True):
+            ax.annotate(f"{knob}={v:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8, color=color)
+            summary.append(f"| {v:g} | {method} | {a['mean']:.3f} ± {a['se']:.3f} | {a['kl']:.2f} ± {a['kl_se']:.2f} |")
+    ax.set_xlabel("KL(π‖π_SFT), nats per continuation")
+    ax.set_ylabel("mean oracle reward")
+    ax.set_title(f"Reward–KL frontier, tier {cells[0].tier if cells else '?'}, grid over {knob}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png = out_dir / "reward_kl_frontier.png"
+    fig.savefig(png, dpi=130)
+    plt.close(fig)
+    lines = header(f"Reward–KL frontier: DPO vs MADPO over {knob}", cfg, argv, wall, cells)
+    lines += [
+        f"![frontier]({png.name})",
+        "",
+        "Mean over seeds (SE over seeds):",
+        "",
+        f"| {knob} | method | reward ± SE | KL ± SE |",
+        "|---|---|---|---|",
+        *summary,
+        "",
+        "Every run:",
+        "",
+        f"| {knob} | method | seed | reward ± SE | KL ± SE |",
+        "|---|---|---|---|---|",
+    ]
+    for c in sorted(cells, key=lambda c: (c.extra[knob], c.method, c.seed)):
+        lines.append(
+            f"| {c.extra[knob]:g} | {c.method} | {c.seed} | {c.mean:.3f} ± {c.se:.3f} | {c.kl:.2f} ± {c.kl_se:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def robustness_report(cfg: PipelineConfig, argv: list[str], wall: float, cells: list[Cell]) -> str:
+    """robustness.md: MADPO per margin-noise level against DPO (which reads no margins)."""
+    lines = header("Robustness: reward-model margin noise (MADPO) vs DPO", cfg, argv, wall, cells)
+    lines += [
+        "MADPO's training margins are perturbed before weighting: m' = s·(m + ε), ε ~ N(0, σ²), s = −1 on a seeded "
+        "fraction of pairs (`PreferenceDataModule(margin_noise_std, margin_flip_fraction)`). DPO reads no margins, "
+        "so its row is the same at every level.",
+        "",
+        "| σ | flipped | MADPO reward ± SE | MADPO KL | DPO reward ± SE | Δ MADPO − DPO |",
+        "|---|---|---|---|---|---|",
+    ]
+    dpo = [c for c in cells if c.method == "dpo"]
+    dpo_agg = aggregate(dpo) if dpo else None
+    levels = sorted({(c.extra["noise_std"], c.extra["flip_fraction"]) for c in cells if c.method != "dpo"})
+    for std, flip in levels:
+        group = [
+            c for c in cells if c.method != "dpo" and (c.extra["noise_std"], c.extra["flip_fraction"]) == (std, flip)
+        ]
+        a = aggregate(group)
+        dpo_txt = f"{dpo_agg['mean']:.3f} ± {dpo_agg['se']:.3f}" if dpo_agg else "–"
+        delta = f"{a['mean'] - dpo_agg['mean']:+.3f}" if dpo_agg else "–"
+        lines.append(
+            f"| {std:g} | {flip:.0%} | {a['mean']:.3f} ± {a['se']:.3f} | {a['kl']:.1f} | {dpo_txt} | {delta} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,209 @@
+"""Running a sweep: the records it needs, its pending cells (here, or in `--jobs` worker processes), and the reports
+from the store.
+
+The order matters for "a fully stored sweep builds no stage": every step asks the store first (`Records`), and the
+pipeline is built only by the first record or cell that is missing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cellstore import CellStore
+
+from madpo.pipeline.config import PipelineConfig
+from madpo.pipeline.stages import policy_label, say, write_json_atomic
+
+from .cells import Cell, Records
+from .figures import frontier_report, robustness_report
+from .margin_best import margin_best_rows
+from .plan import Planned, context_tiers, plan, unique_runs
+from .report import cells_json, main_table
+
+_DROP_ON_CONTINUE = {"--max-cells": 1, "--pending": 0, "--shard": 1, "--shard-keys": 1}
+
+
+def continue_argv(argv: list[str]) -> list[str]:
+    """`argv` without the options that limit or only list a run: the command that finishes the sweep."""
+    out, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _DROP_ON_CONTINUE:
+            skip = 0 if "=" in arg else _DROP_ON_CONTINUE[name]
+            continue
+        out.append(arg)
+    return out
+
+
+def contexts(records: Records, opts: argparse.Namespace, compute: bool) -> tuple[dict, dict]:
+    """The pairs and reward records of the tiers the table needs (computed and stored when missing, if `compute`)."""
+    pairs_tiers, reward_tiers = context_tiers(opts)
+    pairs = {t: records.pairs_context(t, compute) for t in pairs_tiers}
+    reward = {t: records.reward_context(t, compute) for t in reward_tiers}
+    return pairs, reward
+
+
+def stored_cells(records: Records, planned: list[Planned]) -> tuple[dict[str, list[Cell]], list[Planned]]:
+    """The stored cells per report, each under its planned name and labels, and the planned cells not stored."""
+    by_report: dict[str, list[Cell]] = {}
+    pending = []
+    for p in planned:
+        cell = records.cell(p.spec) if p.spec is not None else None
+        if cell is None:
+            pending.append(p)
+            continue
+        cell.method, cell.extra = p.method, dict(p.extra)
+        by_report.setdefault(p.report, []).append(cell)
+    return by_report, pending
+
+
+def print_pending(records: Records, opts: argparse.Namespace, cfg: PipelineConfig) -> dict:
+    """--pending: every record and cell not yet stored, with its key; reads the store only."""
+    pairs, reward = contexts(records, opts, compute=False)
+    missing = [f"record: pairs context / {t}" for t, c in pairs.items() if c is None]
+    missing += [f"record: reward-model context / {t}" for t, c in reward.items() if c is None]
+    if not opts.no_table and records.sft(compute=False) is None:
+        missing.insert(0, "record: SFT evaluation")
+    planned = plan(opts, cfg, pairs, reward)
+    seen, cells = set(), []
+    for p in planned:
+        if (p.spec is None or records.store.get(p.spec) is None) and (p.spec is None or p.key not in seen):
+            seen.add(p.key)
+            cells.append(p)
+    for line in missing:
+        print(line)
+    for p in cells:
+        print(f"cell: {p.label} {p.key}")
+    total = len(unique_runs(planned)) + sum(p.spec is None for p in planned)
+    print(f"{len(cells)} pending cells of {total} planned, {len(missing)} pending records")
+    return {"pending_cells": [p.label for p in cells], "pending_records": missing}
+
+
+def run_workers(opts: argparse.Namespace, argv: list[str], cfg: PipelineConfig, script: Path, keys: list[str]) -> None:
+    """`--jobs n`: n copies of the script, worker k running cells k, k+n, ... of `keys` and storing each one it
+    finishes (they share the stage output dir and the store, nothing else). Threads are split between them."""
+    threads = max(1, (cfg.trainer.num_threads or os.cpu_count() or 1) // opts.jobs)
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as scratch:
+        keys_file = Path(scratch) / "keys.json"
+        keys_file.write_text(json.dumps(keys))
+        procs = []
+        for k in range(opts.jobs):
+            cmd = [sys.executable, str(script), *continue_argv(argv), "--shard", f"{k}/{opts.jobs}"]
+            cmd += ["--shard-keys", str(keys_file), "--trainer.num_threads", str(threads)]
+            procs.append(subprocess.Popen([*cmd, "--trainer.progress_bar", "false"]))
+        failed = [k for k, proc in enumerate(procs) if proc.wait() != 0]
+    if failed:
+        raise SystemExit(f"bench: workers {failed} failed (see their output above); finished cells are stored")
+
+
+def sweep(
+    opts: argparse.Namespace,
+    argv: list[str],
+    cfg: PipelineConfig,
+    script: Path,
+    pipeline: Callable[[PipelineConfig], Any] | None = None,
+) -> dict[str, Any]:
+    """The whole invocation after parsing; returns what it wrote ({report: path}) or listed (--pending)."""
+    start = time.perf_counter()
+    records = Records(cfg, CellStore(Path(opts.cells_dir)), pipeline)
+    if opts.pending:
+        return print_pending(records, opts, cfg)
+    pairs, reward = contexts(records, opts, compute=True)
+    planned = plan(opts, cfg, pairs, reward)
+    runs = unique_runs(planned)
+    if opts.shard:
+        k, n = (int(v) for v in opts.shard.split("/"))
+        wanted = json.loads(Path(opts.shard_keys).read_text()) if opts.shard_keys else [p.key for p in runs]
+        by_key = {p.key: p for p in runs}
+        mine = [by_key[key] for key in wanted[k::n] if key in by_key]
+        say(f"bench worker {k}/{n}: {len(mine)} cells")
+        for i, p in enumerate(mine, 1):
+            if records.store.get(p.spec) is None:
+                say(f"bench worker {k}/{n}: cell {i}/{len(mine)}: {policy_label(p.policy)}")
+                records.run(p.policy, p.spec, policy_label(p.policy))
+        return {}
+    pending = [p for p in runs if records.store.get(p.spec) is None]
+    todo = pending if opts.max_cells is None else pending[: opts.max_cells]
+    say(f"bench: {len(runs)} cells, {len(runs) - len(pending)} stored, {len(todo)} to run now")
+    sft = records.sft() if not opts.no_table else None
+    if todo and opts.jobs > 1:
+        # the reward models first, here, so that no two workers train the same one
+        for tier in sorted({p.policy.tier for p in todo if p.policy.needs_reward_model}):
+            records.pipe.reward(tier)
+        run_workers(opts, argv, cfg, script, [p.key for p in todo])
+    else:
+        for i, p in enumerate(todo, 1):
+            say(f"bench: cell {i}/{len(todo)}: {p.label}")
+            records.run(p.policy, p.spec, policy_label(p.policy))
+            if p.report == "table":  # partial reports after every table cell: a long sweep can be read meanwhile
+                write_reports(opts, argv, cfg, records, planned, sft, pairs, reward, time.perf_counter() - start)
+    written = write_reports(opts, argv, cfg, records, planned, sft, pairs, reward, time.perf_counter() - start)
+    say(f"bench: done in {(time.perf_counter() - start) / 60:.1f} min; wrote {written}")
+    return written
+
+
+def write_reports(
+    opts: argparse.Namespace,
+    argv: list[str],
+    cfg: PipelineConfig,
+    records: Records,
+    planned: list[Planned],
+    sft: dict | None,
+    pairs: dict,
+    reward: dict,
+    wall: float,
+) -> dict[str, str]:
+    """Every report this invocation asked for, from the store."""
+    out_dir = Path(opts.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_report, pending = stored_cells(records, planned)
+    again = continue_argv(argv)
+    written: dict[str, str] = {}
+    if not opts.no_table:
+        assert sft is not None
+        cells = by_report.get("table", [])
+        tiers = list(pairs)
+        md = main_table(cfg, argv, wall, cells, sft, pairs, reward, pending, Path(opts.cells_dir), again)
+        (out_dir / "imdb-offline.md").write_text(md)
+        write_json_atomic(
+            out_dir / "imdb-offline.json",
+            {
+                "cells": cells_json(cells),
+                "sft": sft["reward"],
+                "argv": argv,
+                "downweighted": {t: c["downweighted"] for t, c in reward.items() if c},
+                "rm_val_accuracy": {t: c["rm_val_accuracy"] for t, c in reward.items() if c},
+                "frac_disagree": {t: c["frac_disagree"] for t, c in pairs.items() if c},
+                "train_pairs_per_tier": {t: c["n_train"] for t, c in pairs.items() if c},
+                "eval_pairs_per_tier": {t: c["n_eval"] for t, c in pairs.items() if c},
+                "margin_best": margin_best_rows(cells, tiers),
+                "pending": [{"label": p.label, "key": p.key} for p in pending if p.report == "table"],
+                "continue": f"python bench/reproduce.py {' '.join(again)}",
+            },
+        )
+        written["table"] = str(out_dir / "imdb-offline.md")
+    if opts.frontier:
+        cells = by_report.get("frontier", [])
+        md = frontier_report(cfg, argv, wall, cells, opts.frontier_knob, out_dir)
+        (out_dir / "reward_kl_frontier.md").write_text(md)
+        write_json_atomic(
+            out_dir / "reward_kl_frontier.json", {"cells": cells_json(cells), "knob": opts.frontier_knob, "argv": argv}
+        )
+        written["frontier"] = str(out_dir / "reward_kl_frontier.png")
+    if opts.robustness:
+        cells = by_report.get("robustness", [])
+        (out_dir / "robustness.md").write_text(robustness_report(cfg, argv, wall, cells))
+        write_json_atomic(out_dir / "robustness.json", {"cells": cells_json(cells), "argv": argv})
+        written["robustness"] = str(out_dir / "robustness.md")
+    return written

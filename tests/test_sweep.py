@@ -1,0 +1,251 @@
+"""bench/reproduce.py's sweep (bench/sweep/) against its cell store, on a fake pipeline: no model is trained, so
+these run in seconds. What they pin down: stored cells are skipped; a fully stored sweep writes its reports without
+constructing a pipeline (and the same check fails when the store is bypassed, so it can catch a regression);
+`--pending` lists without training; `--max-cells` limits and the report says what is left; the noise-matched ε is
+the tier's measured label-flip rate; the competitor rows and the "who uses the margin best" section appear."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from madpo.losses import CDPOLoss, MADPOLoss, RDPOLoss
+from madpo.pipeline.config import PipelineConfig, PolicyConfig
+from madpo.pipeline.run import parse_config
+from madpo.pipeline.stages import StageResult, policy_label, write_jsonl
+from tests.conftest import REPO
+from tests.helpers import load_bench_script
+
+CI = str(REPO / "configs" / "pipeline" / "ci.yaml")
+FRAC_DISAGREE = {"high": 0.31, "medium": 0.22, "low": 0.12}
+N_TRAIN = 6
+
+
+@pytest.fixture
+def reproduce(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    return load_bench_script("reproduce", monkeypatch)
+
+
+class Bypassed(Exception):
+    """Raised by the spy pipeline: the sweep built a pipeline, so it would have trained or scored something."""
+
+
+def spy_pipeline(cfg: PipelineConfig) -> Any:
+    raise Bypassed
+
+
+class FakePipeline:
+    """Stands in for madpo.pipeline.stages.Pipeline: the same accessors, made-up stage results, every call counted
+    (class-wide, so that the test sees the calls of the instance the sweep builds)."""
+
+    calls: list[str] = []
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.output_dir)
+        FakePipeline.calls.append("init")
+
+    def _result(self, name: str, label: str, stats: dict, outputs: dict | None = None) -> StageResult:
+        manifest = {"stats": stats, "outputs": outputs or {}, "seconds": 1.0}
+        return StageResult(name, label, self.root / f"{label}-fake", "fake", manifest, cached=False)
+
+    def pairs(self) -> StageResult:
+        FakePipeline.calls.append("pairs")
+        outputs, tiers = {}, {}
+        for t, frac in FRAC_DISAGREE.items():
+            rows = [
+                {"oracle_chosen": float(i % 3), "oracle_rejected": 1.0, "chosen_source": "sample1"}
+                for i in range(N_TRAIN)
+            ]
+            write_jsonl(self.root / "pairs-fake" / t / "train.jsonl", rows)
+            outputs[f"{t}/train"] = f"{t}/train.jsonl"
+            tiers[t] = {"train": {"n": N_TRAIN, "frac_disagree": frac}, "eval": {"n": 3, "frac_disagree": frac}}
+        return self._result("pairs", "pairs", {"tiers": tiers}, outputs)
+
+    def reward(self, tier: str) -> StageResult:
+        FakePipeline.calls.append(f"reward:{tier}")
+        return self._result("reward", f"reward-{tier}", {"metrics": {"val/accuracy": 0.6}})
+
+    def train_margins(self, tier: str) -> np.ndarray:
+        FakePipeline.calls.append(f"margins:{tier}")
+        return np.linspace(-1.0, 2.0, N_TRAIN)  # well inside ±τ: amp-only / reg-only are MADPO's / DPO's runs
+
+    def evaluate_sft(self) -> StageResult:
+        FakePipeline.calls.append("evaluate_sft")
+        return self._result("evaluate", "evaluate-sft", {"reward": {"mean": 0.1, "se": 0.05, "sd": 1.0, "n": 3}})
+
+    def policy(self, cfg: PolicyConfig) -> StageResult:
+        label = policy_label(cfg)
+        FakePipeline.calls.append(f"policy:{label}:{type(cfg.loss).__name__}")
+        return self._result("policy", label, {"margins": None})
+
+    def evaluate_model(self, model: StageResult) -> StageResult:
+        seed = int(model.label.rsplit("-s", 1)[1][0])
+        mean = 0.2 + 0.01 * (sum(map(ord, model.label)) % 40) + 0.05 * seed
+        stats = {"reward": {"mean": mean, "se": 0.05, "sd": 1.0}, "kl": {"mean": 5.0 + seed, "se": 0.2}}
+        return self._result("evaluate", model.label.replace("policy", "evaluate"), stats)
+
+
+@pytest.fixture(autouse=True)
+def fresh_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakePipeline.calls = []
+
+
+def args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--tiers",
+        "high,low",
+        "--seeds",
+        "0,1",
+        "--cells-dir",
+        str(tmp_path / "cells"),
+        "--results-dir",
+        str(tmp_path / "results"),
+        *extra,
+        "-c",
+        CI,
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
+
+
+TABLE = ["--methods", "dpo,madpo,madpo_amp_only,odpo,margin_target,cdpo,rdpo", "--noise-matched"]
+
+
+def trained(calls: list[str]) -> list[str]:
+    return [c for c in calls if c.startswith("policy:")]
+
+
+def report_body(md: str) -> list[str]:
+    """The report without the lines that depend on when and where it was written."""
+    return [line for line in md.splitlines() if not line.startswith(("- Machine", "- Command"))]
+
+
+@pytest.mark.parametrize("store", ["used", "bypassed"])
+def test_a_fully_stored_sweep_writes_its_reports_and_builds_no_pipeline(
+    reproduce: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
+    argv = args(tmp_path, *TABLE)
+    first = reproduce.main(argv, pipeline=FakePipeline)
+    md = Path(first["table"]).read_text()
+    n_cells = len(trained(FakePipeline.calls))
+    # 7 methods + 2 noise-matched, 2 tiers, 2 seeds; amp-only is MADPO's run (margins inside ±τ): not trained again
+    assert n_cells == (9 - 1) * 2 * 2
+    assert len(list((tmp_path / "cells").glob("*.json"))) == n_cells + 1 + 2 + 2  # + SFT, 2 pairs, 2 reward records
+
+    import sweep.cells
+
+    FakePipeline.calls = []
+    monkeypatch.setattr(sweep.cells, "Pipeline", spy_pipeline)  # the default pipeline too, should one be built
+    if store == "bypassed":  # the check must catch a sweep that ignores its store
+        cellstore = sys.modules["cellstore"]
+        monkeypatch.setattr(cellstore.CellStore, "get", lambda self, spec: None)
+        with pytest.raises(Bypassed):
+            reproduce.main(argv, pipeline=spy_pipeline)
+        return
+    again = reproduce.main(argv, pipeline=spy_pipeline)
+    assert FakePipeline.calls == []
+    assert report_body(Path(again["table"]).read_text()) == report_body(md)
+    payload = json.loads((tmp_path / "results" / "imdb-offline.json").read_text())
+    assert payload["train_pairs_per_tier"] == {"high": N_TRAIN, "low": N_TRAIN}
+    assert payload["eval_pairs_per_tier"] == {"high": 3, "low": 3}
+    assert payload["frac_disagree"] == {"high": FRAC_DISAGREE["high"], "low": FRAC_DISAGREE["low"]}
+    assert payload["pending"] == [] and payload["rm_val_accuracy"]["high"] == 0.6
+
+
+def test_stored_cells_are_skipped(reproduce: ModuleType, tmp_path: Path) -> None:
+    reproduce.main(args(tmp_path, "--methods", "dpo,cdpo", "--seeds", "0"), pipeline=FakePipeline)
+    assert len(trained(FakePipeline.calls)) == 2 * 2
+    FakePipeline.calls = []
+    reproduce.main(args(tmp_path, "--methods", "dpo,cdpo"), pipeline=FakePipeline)  # seeds 0,1 (args' own)
+    runs = trained(FakePipeline.calls)
+    assert len(runs) == 2 * 2 and all("-s1:" in r for r in runs)  # only the seed-1 cells were not stored
+    assert "pairs" not in FakePipeline.calls  # the records were stored by the first run
+    FakePipeline.calls = []
+    reproduce.main(args(tmp_path, "--methods", "dpo,cdpo"), pipeline=spy_pipeline)  # everything stored now
+
+
+def test_pending_lists_what_is_missing_and_trains_nothing(
+    reproduce: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = args(tmp_path, *TABLE, "--pending")
+    listed = reproduce.main(argv, pipeline=spy_pipeline)  # an empty store: nothing is computed to plan it either
+    out = capsys.readouterr().out
+    assert "record: pairs context / high" in out and "record: reward-model context / low" in out
+    assert "record: SFT evaluation" in out
+    assert "cell: table: cdpo_oracle_eps / high / seed 0" in out and "(after the tier's context record)" in out
+    assert f"{len(listed['pending_cells'])} pending cells" in out
+    assert not (tmp_path / "cells").exists() and not (tmp_path / "results").exists()
+
+    reproduce.main(args(tmp_path, *TABLE, "--max-cells", "3"), pipeline=FakePipeline)
+    FakePipeline.calls = []
+    capsys.readouterr()
+    listed = reproduce.main(argv, pipeline=spy_pipeline)
+    out = capsys.readouterr().out
+    assert "record:" not in out and "after the tier's context" not in out  # the records are stored now
+    assert len(listed["pending_cells"]) == (9 - 1) * 2 * 2 - 3
+    keys = {line.rsplit(" ", 1)[1] for line in out.splitlines() if line.startswith("cell: ")}
+    stored = {p.stem.rsplit("-", 1)[1] for p in (tmp_path / "cells").glob("*.json")}
+    assert len(keys) == len(listed["pending_cells"]) and not keys & stored
+
+
+def test_max_cells_runs_that_many_and_the_report_says_what_is_left(reproduce: ModuleType, tmp_path: Path) -> None:
+    written = reproduce.main(args(tmp_path, "--methods", "dpo,madpo", "--max-cells", "2"), pipeline=FakePipeline)
+    assert len(trained(FakePipeline.calls)) == 2
+    md = Path(written["table"]).read_text()
+    assert "| pending |" in md or "pending |" in md
+    assert "## Pending cells (6)" in md
+    command = next(line for line in md.splitlines() if line.startswith("    python bench/reproduce.py"))
+    assert "--max-cells" not in command and "--methods dpo,madpo" in command
+    payload = json.loads((tmp_path / "results" / "imdb-offline.json").read_text())
+    assert len(payload["pending"]) == 6 and "--max-cells" not in payload["continue"]
+    FakePipeline.calls = []
+    reproduce.main(args(tmp_path, "--methods", "dpo,madpo", "--max-cells", "0"), pipeline=spy_pipeline)
+
+
+def test_noise_matched_eps_is_the_tiers_measured_label_flip_rate(reproduce: ModuleType, tmp_path: Path) -> None:
+    import sweep.plan
+
+    cfg = parse_config(["-c", CI, "--output_dir", str(tmp_path / "run")])
+    opts = reproduce.bench_parser().parse_args(["--methods", "dpo", "--tiers", "high,low", "--seeds", "0,1"])
+    opts.noise_matched = True
+    pairs = {t: {"frac_disagree": FRAC_DISAGREE[t]} for t in ("high", "low")}
+    planned = [p for p in sweep.plan.plan(opts, cfg, pairs) if p.method.endswith("_oracle_eps")]
+    assert len(planned) == 2 * 2 * 2
+    for p in planned:
+        eps = FRAC_DISAGREE[p.policy.tier]
+        assert isinstance(p.policy.loss, CDPOLoss if p.method == "cdpo_oracle_eps" else RDPOLoss)
+        assert p.policy.loss.label_smoothing == eps == p.extra["label_smoothing"] == p.extra["frac_disagree"]
+        assert p.policy.loss.beta == cfg.policy.loss.beta
+        for field in ("lr", "batch_size", "accumulate_grad_batches", "epochs", "warmup_ratio", "schedule"):
+            assert getattr(p.policy, field) == getattr(cfg.policy, field)  # the same hyperparameters as every method
+    assert len({p.key for p in planned}) == len(planned)
+    assert isinstance(cfg.policy.loss, MADPOLoss)
+
+    reproduce.main(args(tmp_path, "--methods", "dpo", "--noise-matched"), pipeline=FakePipeline)
+    cells = json.loads((tmp_path / "results" / "imdb-offline.json").read_text())["cells"]
+    matched = [c for c in cells if c["method"].endswith("_oracle_eps")]
+    assert len(matched) == 2 * 2 * 2
+    assert all(c["extra"]["label_smoothing"] == FRAC_DISAGREE[c["tier"]] for c in matched)
+    assert sum("CDPOLoss" in c or "RDPOLoss" in c for c in FakePipeline.calls) == len(matched)
+
+
+def test_competitor_rows_and_the_margin_best_section_appear(reproduce: ModuleType, tmp_path: Path) -> None:
+    written = reproduce.main(args(tmp_path, *TABLE), pipeline=FakePipeline)
+    md = Path(written["table"]).read_text()
+    for method in ("odpo", "margin_target", "cdpo", "rdpo", "cdpo_oracle_eps", "rdpo_oracle_eps"):
+        assert f"| {method} |" in md
+    assert "## Who uses the margin best" in md and "not at matched KL" in md and "upper bound" in md
+    assert "**Tier high: the same reward-model margin, used another way**" in md
+    assert "within noise" in md or "resolved" in md
+    rows = json.loads((tmp_path / "results" / "imdb-offline.json").read_text())["margin_best"]
+    odpo = next(r for r in rows if r["tier"] == "low" and r["method"] == "odpo")
+    assert odpo["d_dpo"]["n"] == 2 and odpo["d_dpo"]["ci"] == "t over 2 seeds"
+    assert odpo["d_dpo"]["lo"] <= odpo["d_dpo"]["mean"] <= odpo["d_dpo"]["hi"]
+    assert "madpo_amp_only on high is the madpo run of the same seed" in md
