@@ -135,7 +135,8 @@ def plan(opts: argparse.Namespace, cfg: PipelineConfig) -> list[Planned]:
             out += [Planned(p, level, cell_spec(cfg, p, source=level)) for level, p in cells]
             madpo = dataclasses.replace(base, method="madpo", tier=tier, seed=seed)
             for v in variants:
-                spec = cell_spec(variant_config(cfg, v), madpo, source=rm_level(v))
+                # the variant's reward section tells the cells apart: the level's name stays out of the spec
+                spec = cell_spec(variant_config(cfg, v), madpo, source=RM_LEVEL)
                 out.append(Planned(madpo, rm_level(v), spec, rm_variant=v))
     return out
 
@@ -296,15 +297,18 @@ def plot(rows: list[dict], png: Path) -> None:
                         capsize=3,
                         label=f"{tier}: {'reward model' if rm else 'synthetic margins'}",
                     )
-                    if not rm:
-                        for r, yv in zip(pts, y, strict=True):
-                            ax.annotate(
-                                r["level"] if r["level"] == "random" else f"σ={r['level']}",
-                                (r[x_key], yv),
-                                textcoords="offset points",
-                                xytext=(4, 4),
-                                fontsize=7,
-                            )
+                    for r, yv in zip(pts, y, strict=True):
+                        if rm:
+                            name = r["level"].split(":", 1)[1] if ":" in r["level"] else "RM"
+                        else:
+                            name = r["level"] if r["level"] == "random" else f"σ={r['level']}"
+                        ax.annotate(
+                            name,
+                            (r[x_key], yv),
+                            textcoords="offset points",
+                            xytext=(4, 4),
+                            fontsize=7,
+                        )
             ax.axhline(0, color="grey", linewidth=0.8)
             ax.grid(alpha=0.3)
             ax.set_ylabel(y_label)
