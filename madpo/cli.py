@@ -38,6 +38,10 @@ class MadpoCLI(LightningCLI):
         # saves a new best, so a resume would go back to the best step rather than continue from the latest.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
+        # last.ckpt follows the checkpoint schedule the user sets (`--checkpoint.every_n_train_steps` and the rest)
+        linked = ("dirpath", "every_n_train_steps", "every_n_epochs", "save_on_train_epoch_end", "save_weights_only")
+        for name in linked:
+            parser.link_arguments(f"checkpoint.{name}", f"last_checkpoint.{name}")
         parser.set_defaults(
             {
                 "checkpoint.save_last": False,

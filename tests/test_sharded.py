@@ -38,7 +38,6 @@ COMMON = (
 EVERY_STEP = (
     "--trainer.val_check_interval=1",
     "--checkpoint.save_on_train_epoch_end=false",
-    "--last_checkpoint.save_on_train_epoch_end=false",
     "--trainer.callbacks+=madpo.callbacks.KeepBestWeights",
     "--trainer.callbacks+=tests.helpers.KillAtStep",
 )
