@@ -70,9 +70,14 @@ def bench_parser() -> argparse.ArgumentParser:
         "rdpo_oracle_eps): it reads the oracle, so it is an upper bound no user can reach",
     )
     p.add_argument("--no-table", action="store_true", help="skip the main grid (run only --frontier/--robustness)")
-    p.add_argument("--frontier", action="store_true", help="DPO vs MADPO over a grid of --frontier-knob")
+    p.add_argument("--frontier", action="store_true", help="--frontier-methods over a grid of --frontier-knob")
+    p.add_argument(
+        "--frontier-methods",
+        default="dpo,madpo",
+        help="comma-separated methods on the frontier; the report compares each with MADPO at matched KL",
+    )
     p.add_argument("--frontier-knob", choices=("beta", "lr"), default="beta")
-    p.add_argument("--frontier-grid", default="0.05,0.1,0.2,0.5", help="values of the knob (same for both methods)")
+    p.add_argument("--frontier-grid", default="0.05,0.1,0.2,0.5", help="values of the knob (the same for every method)")
     p.add_argument("--frontier-tier", default="high")
     p.add_argument("--robustness", action="store_true", help="MADPO vs DPO over reward-margin noise levels")
     p.add_argument("--noise-std", default="0,1,2,4", help="Gaussian margin noise σ levels")
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None, pipeline: Any = None) -> dict:
     cfg = parse_config(rest)
     cfg.validate()
     configure_logging()
-    for m in items(opts.methods):
+    for m in items(opts.methods) + items(opts.frontier_methods):
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; expected some of {sorted(METHODS)}")
     for t in items(opts.tiers) + [opts.frontier_tier, opts.robustness_tier]:

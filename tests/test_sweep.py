@@ -249,3 +249,27 @@ def test_competitor_rows_and_the_margin_best_section_appear(reproduce: ModuleTyp
     assert odpo["d_dpo"]["n"] == 2 and odpo["d_dpo"]["ci"] == "t over 2 seeds"
     assert odpo["d_dpo"]["lo"] <= odpo["d_dpo"]["mean"] <= odpo["d_dpo"]["hi"]
     assert "madpo_amp_only on high is the madpo run of the same seed" in md
+
+
+def test_matched_kl_reads_madpos_frontier_at_the_other_methods_kl(reproduce: ModuleType) -> None:
+    import sweep.figures as figures
+
+    madpo = [(4.0, 0.5), (8.0, 0.9)]  # (KL, reward), sorted by KL
+    assert figures.interpolate(madpo, 6.0) == pytest.approx(0.7)  # halfway: (0.5 + 0.9) / 2
+    assert figures.interpolate(madpo, 4.0) == pytest.approx(0.5)
+    assert figures.interpolate(madpo, 9.0) is None and figures.interpolate(madpo, 3.0) is None  # no extrapolation
+    lines = figures.matched_kl_lines({"madpo": madpo, "odpo": [(5.0, 0.55), (12.0, 1.0)]}, "beta")
+    assert "| odpo | 5.00 | 0.550 | 0.600 | +0.050 |" in lines  # 0.5 + 0.4·(5 − 4)/4 = 0.6
+    assert "| odpo | 12.00 | 1.000 | – | outside MADPO's range |" in lines
+    assert figures.matched_kl_lines({"odpo": [(5.0, 0.55)]}, "beta") == []  # no MADPO frontier: no section
+
+
+def test_frontier_methods_are_planned_and_compared_at_matched_kl(reproduce: ModuleType, tmp_path: Path) -> None:
+    extra = ["--no-table", "--frontier", "--frontier-grid", "0.05,0.1", "--frontier-methods", "dpo,madpo,odpo"]
+    written = reproduce.main(args(tmp_path, *extra), pipeline=FakePipeline)
+    runs = trained(FakePipeline.calls)
+    assert len(runs) == 3 * 2 * 2  # 3 methods, 2 β, 2 seeds
+    md = (tmp_path / "results" / "reward_kl_frontier.md").read_text()
+    assert "At matched KL" in md and "| odpo |" in md and Path(written["frontier"]).exists()
+    with pytest.raises(SystemExit, match="unknown method"):
+        reproduce.main(args(tmp_path, *extra[:-1], "dpo,nope"), pipeline=FakePipeline)

@@ -9,11 +9,47 @@ from madpo.pipeline.config import PipelineConfig
 from .cells import Cell, aggregate
 from .report import header
 
+COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:gray", "tab:olive")
+
+
+def interpolate(curve: list[tuple[float, float]], kl: float) -> float | None:
+    """The reward of a frontier (points (KL, reward) sorted by KL) at `kl`, linear between its neighbours; None
+    outside its KL range (no extrapolation)."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
+        if x0 <= kl <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (kl - x0) / (x1 - x0)
+    return curve[0][1] if len(curve) == 1 and curve[0][0] == kl else None
+
+
+def matched_kl_lines(curves: dict[str, list[tuple[float, float]]], knob: str) -> list[str]:
+    """MADPO against each other method at the same KL: at every knob value of the other method, MADPO's frontier
+    interpolated at that point's KL (means over seeds; no interval, a reading of the curves)."""
+    mad = curves.get("madpo")
+    if not mad or len(curves) < 2:
+        return []
+    lines = [
+        "",
+        "At matched KL: at each point of another method, MADPO's frontier (mean over seeds, linear between its "
+        f"{knob} values) read at that point's KL. Outside MADPO's KL range there is nothing to compare.",
+        "",
+        "| method | its KL | its reward | MADPO at that KL | MADPO − method |",
+        "|---|---|---|---|---|",
+    ]
+    for method, curve in curves.items():
+        if method == "madpo":
+            continue
+        for kl, reward in curve:
+            at = interpolate(mad, kl)
+            gain = "outside MADPO's range" if at is None else f"{at - reward:+.3f}"
+            lines.append(f"| {method} | {kl:.2f} | {reward:.3f} | {'–' if at is None else f'{at:.3f}'} | {gain} |")
+    return lines
+
 
 def frontier_report(
     cfg: PipelineConfig, argv: list[str], wall: float, cells: list[Cell], knob: str, out_dir: Path
 ) -> str:
-    """reward_kl_frontier.md (+ .png beside it): DPO and MADPO over the knob's grid, mean over seeds per value."""
+    """reward_kl_frontier.md (+ .png beside it): each method over the knob's grid, mean over seeds per value, and
+    MADPO against the others at matched KL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,16 +57,17 @@ def frontier_report(
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     summary: list[str] = []
-    for method, color in (("dpo", "tab:blue"), ("madpo", "tab:red")):
+    curves: dict[str, list[tuple[float, float]]] = {}  # method -> (KL, reward) per knob value, by KL
+    methods = sorted({c.method for c in cells}, key=lambda m: (m != "dpo", m != "madpo", m))
+    for method, color in zip(methods, COLORS, strict=False):
         mine = [c for c in cells if c.method == method]
-        if not mine:
-            continue
         ax.scatter([c.kl for c in mine], [c.mean for c in mine], color=color, alpha=0.3, s=14)  # each seed
         points = []
         for v in sorted({c.extra[knob] for c in mine}):
             points.append((v, aggregate([c for c in mine if c.extra[knob] == v])))  # mean over seeds per knob value
         points.sort(key=lambda p: p[1]["kl"])
         kl, mean = [a["kl"] for _, a in points], [a["mean"] for _, a in points]
+        curves[method] = list(zip(kl, mean, strict=True))
         ax.errorbar(
             kl,
             mean,
@@ -53,7 +90,7 @@ def frontier_report(
     png = out_dir / "reward_kl_frontier.png"
     fig.savefig(png, dpi=130)
     plt.close(fig)
-    lines = header(f"Reward–KL frontier: DPO vs MADPO over {knob}", cfg, argv, wall, cells)
+    lines = header(f"Reward–KL frontier: {', '.join(methods)} over {knob}", cfg, argv, wall, cells)
     lines += [
         f"![frontier]({png.name})",
         "",
@@ -62,6 +99,7 @@ def frontier_report(
         f"| {knob} | method | reward ± SE | KL ± SE |",
         "|---|---|---|---|",
         *summary,
+        *matched_kl_lines(curves, knob),
         "",
         "Every run:",
         "",

@@ -133,7 +133,7 @@ def plan(
         out += [
             cell("frontier", policy(method=m, tier=opts.frontier_tier, seed=s, **{knob: v}), **{knob: v})
             for v in items(opts.frontier_grid, float)
-            for m in ("dpo", "madpo")
+            for m in items(getattr(opts, "frontier_methods", "dpo,madpo"))
             for s in seeds
         ]
     if opts.robustness:
