@@ -27,10 +27,12 @@ CHECKED = (
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "beta_dpo", "madpo", "cdpo", "odpo"])
+@pytest.mark.parametrize(
+    "loss", ["sft", "dpo", "ipo", "beta_dpo", "madpo", "cdpo", "rdpo", "odpo", "margin_target", "hinge", "rpo"]
+)
 def test_ddp_two_processes_equal_one_process(loss, tmp_path, random_reward_model):
     extra = [*COMMON]
-    if loss in ("madpo", "odpo"):
+    if loss in ("madpo", "odpo", "margin_target"):  # the losses that read the reward model's margin
         extra.append(f"--data.reward_model={random_reward_model}")
     cli_main(tiny_args(f"{loss}.yaml", tmp_path, *extra, "--data.batch_size=8", name="single"))
     ddp_args = tiny_args(f"{loss}.yaml", tmp_path, *extra, "--data.batch_size=4", name="ddp")
@@ -47,8 +49,18 @@ def test_ddp_two_processes_equal_one_process(loss, tmp_path, random_reward_model
     params_single = torch.load(tmp_path / "runs/single/version_0/checkpoints/last.ckpt", weights_only=True)
     params_ddp = torch.load(tmp_path / "runs/ddp/version_0/checkpoints/last.ckpt", weights_only=True)
     assert params_ddp["global_step"] == params_single["global_step"] == 3
-    for key, value in params_single["state_dict"].items():
-        torch.testing.assert_close(params_ddp["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert_params_match(params_single["state_dict"], params_ddp["state_dict"], steps=3, lr=1e-3)
+
+
+def assert_params_match(single: dict, ddp: dict, *, steps: int, lr: float) -> None:
+    """Equal to float noise, except at a few elements: where a gradient element is ~0, its two values differ only by
+    reduction-order noise, and Adam's g/√v turns that noise into a step of up to lr. So all but 0.1 % of the elements
+    must agree to rtol 1e-4 / atol 1e-5, and the rest to steps·lr (the furthest Adam can move them)."""
+    for key, value in single.items():
+        diff = (ddp[key] - value).abs()
+        loose = diff > 1e-5 + 1e-4 * value.abs()
+        assert loose.float().mean() <= 1e-3, (key, int(loose.sum()), diff.numel())
+        assert float(diff.max()) <= steps * lr, (key, float(diff.max()))
 
 
 @pytest.mark.slow
