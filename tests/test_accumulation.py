@@ -89,5 +89,10 @@ def test_two_micro_batches_of_b_equal_one_batch_of_2b(loss, pairs, tmp_path) -> 
     if loss == "beta_dpo":
         a, b = whole.module.loss, split.module.loss
         assert int(a.step) == int(b.step) == STEPS  # one EMA update per optimiser step, not per micro-batch
-        torch.testing.assert_close(b.gap_mean, a.gap_mean, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(b.gap_std, a.gap_std, rtol=1e-4, atol=1e-7)
+        # the EMAs average gaps that are near rounding at these steps (the mean gap is ~1 % of its spread), and
+        # splitting a batch reorders more sums than padding does: so 10x the padded run's deviation plus rtol 1e-3
+        # (rtol 1e-4 held on one CPU and not on another); a per-micro-batch update moves them by far more
+        for name in ("gap_mean", "gap_std"):
+            ref, got, wide = (float(getattr(m.module.loss, name)) for m in (whole, split, padded))
+            ema_floor = abs(wide - ref)
+            assert abs(got - ref) <= 10 * ema_floor + 1e-3 * abs(ref) + 1e-7, (name, got, ref, ema_floor)
