@@ -3,13 +3,13 @@ the cached pipeline stages, with the competitors that read the same reward-model
 margin_target) or none (cDPO, rDPO, hinge), plus the two things the paper's table leaves out: KL beside every reward
 (and a reward–KL frontier), and a margin robustness sweep.
 
-    python bench/reproduce.py -c configs/pipeline/quickstart.yaml                       # the full grid (long)
-    python bench/reproduce.py -c configs/pipeline/quickstart.yaml --methods dpo,madpo --tiers high --seeds 0
-    python bench/reproduce.py -c configs/pipeline/quickstart.yaml --noise-matched      # + cDPO/rDPO at the oracle's ε
-    python bench/reproduce.py -c configs/pipeline/quickstart.yaml --frontier --robustness --seeds 0
-    python bench/reproduce.py -c configs/pipeline/quickstart.yaml --jobs 2   # 2 worker processes x 1 thread each
-    python bench/reproduce.py -c configs/pipeline/quickstart.yaml --pending  # what is left; trains nothing
-    python bench/reproduce.py -c configs/pipeline/quickstart.yaml --max-cells 4   # 4 more cells, then the reports
+    python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml                       # the full grid (long)
+    python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --methods dpo,madpo --tiers high --seeds 0
+    python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --noise-matched      # + cDPO/rDPO at the oracle's ε
+    python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --frontier --robustness --seeds 0
+    python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --jobs 2   # 2 worker processes x 1 thread each
+    python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --pending  # what is left; trains nothing
+    python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --max-cells 4   # 4 more cells, then the reports
 
 Every option not listed below is a pipeline flag (`--policy.lr`, `--output_dir`, ...). Every finished cell (policy +
 evaluation) and every other number the reports quote (the SFT model's reward, each tier's label noise, pair counts
@@ -54,7 +54,7 @@ def bench_parser() -> argparse.ArgumentParser:
     """The sweep's own options; the rest of the command line is the pipeline's."""
     p = argparse.ArgumentParser(
         description="methods x tiers x seeds on the cached offline IMDB pipeline; other flags go to the pipeline",
-        epilog="Any other argument is a pipeline flag, e.g. -c configs/pipeline/quickstart.yaml --policy.lr 1e-4",
+        epilog="Any other argument is a pipeline flag, e.g. -c configs/pipeline/imdb_1k.yaml --policy.lr 1e-4",
     )
     p.add_argument(
         "--methods",

@@ -6,8 +6,8 @@ reward on the same pairs (the floor a reward model can reach), the share of pair
 gap, corr(m, gap) and the calibration slope; beside it the TF-IDF BT reference fit on the same training pairs (a
 neural reward model below it has not learned). Reward models differ by their `reward` section: the variants below.
 
-    python bench/rm_quality.py -c configs/pipeline/quickstart.yaml                            # every variant
-    python bench/rm_quality.py -c configs/pipeline/quickstart.yaml --variants base_lm --tiers high
+    python bench/rm_quality.py -c configs/pipeline/imdb_1k.yaml                            # every variant
+    python bench/rm_quality.py -c configs/pipeline/imdb_1k.yaml --variants base_lm --tiers high
 
 Each finished (variant, tier) is stored in `bench/results/cells/rm_quality/` (`bench/cellstore.py`): a rerun, here
 or on another machine, trains nothing it finds there. Any option not listed is a pipeline flag. Writes

@@ -9,8 +9,8 @@ x-axes are the margins' measured quality on the training pairs (oracle agreement
 the policy stage's `margin_quality`), the y-axis MADPO − DPO in mean oracle reward (paired by seed, 95 % CI over
 seeds) and in KL(π‖π_SFT).
 
-    python bench/rm_quality_curve.py -c configs/pipeline/quickstart.yaml --jobs 2          # the full curve (long)
-    python bench/rm_quality_curve.py -c configs/pipeline/quickstart.yaml --tiers high --seeds 0 --levels 0,random
+    python bench/rm_quality_curve.py -c configs/pipeline/imdb_1k.yaml --jobs 2          # the full curve (long)
+    python bench/rm_quality_curve.py -c configs/pipeline/imdb_1k.yaml --tiers high --seeds 0 --levels 0,random
 
 Every finished cell (one trained and evaluated policy) is stored in `bench/results/cells/rm_quality_curve/`
 (`bench/cellstore.py`): a rerun, here or on another machine, skips it, and when every cell is stored the report is
@@ -57,7 +57,7 @@ RM_LEVEL = "reward_model"
 def curve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="MADPO − DPO against the quality of MADPO's margins (synthetic margin sources and the trained RM)",
-        epilog="Any other argument is a pipeline flag, e.g. -c configs/pipeline/quickstart.yaml --policy.lr 1e-4",
+        epilog="Any other argument is a pipeline flag, e.g. -c configs/pipeline/imdb_1k.yaml --policy.lr 1e-4",
     )
     p.add_argument("--tiers", default="high,low", help="comma-separated tiers")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated policy seeds (paired between DPO and MADPO)")

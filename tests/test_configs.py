@@ -116,7 +116,7 @@ def test_smollm2_gguf_base_model_is_converted_to_a_plain_directory(tmp_path):
     assert (model_dir / "tokenizer.json").is_file() and not hasattr(plain.config, "quantization_config")
 
 
-@pytest.mark.parametrize("name", ["quickstart", "paper_size", "ci"])
+@pytest.mark.parametrize("name", ["quickstart", "imdb_1k", "paper_size", "ci"])
 def test_pipeline_configs_parse_and_validate(name):
     from madpo.pipeline.run import parse_config
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from madpo.cli import cli_main
 from tests.conftest import DATA, REPO
-from tests.helpers import run_cli_subprocess, scalars, tiny_args
+from tests.helpers import cli_env, run_cli_subprocess, scalars, tiny_args
 
 COMMON = (
     "--trainer.max_epochs=1",
@@ -26,19 +31,38 @@ CHECKED = (
 )
 
 
+LOSSES = ("sft", "dpo", "ipo", "beta_dpo", "madpo", "cdpo", "rdpo", "odpo", "margin_target", "hinge", "rpo")
+
+
+@pytest.fixture(scope="module")
+def parity_runs(tmp_path_factory, random_reward_model) -> Path:
+    """Every loss trained twice on the same global batch: in this process (8 pairs per step) and on 2 DDP ranks
+    (4 each), all the DDP runs in one launch (tests/cli_runs.py), so that the ranks start once."""
+    root = tmp_path_factory.mktemp("ddp")
+    ddp_runs = []
+    for loss in LOSSES:
+        extra = [*COMMON]
+        if loss in ("madpo", "odpo", "margin_target"):  # the losses that read the reward model's margin
+            extra.append(f"--data.reward_model={random_reward_model}")
+        cli_main(tiny_args(f"{loss}.yaml", root / loss, *extra, "--data.batch_size=8", name="single"))
+        ddp_args = tiny_args(f"{loss}.yaml", root / loss, *extra, "--data.batch_size=4", name="ddp")
+        ddp_runs.append([*ddp_args, "--trainer", str(REPO / "configs/trainer/ddp_cpu.yaml")])
+    (root / "runs.json").write_text(json.dumps(ddp_runs))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "cli_runs.py"), str(root / "runs.json")],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return root
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "loss", ["sft", "dpo", "ipo", "beta_dpo", "madpo", "cdpo", "rdpo", "odpo", "margin_target", "hinge", "rpo"]
-)
-def test_ddp_two_processes_equal_one_process(loss, tmp_path, random_reward_model):
-    extra = [*COMMON]
-    if loss in ("madpo", "odpo", "margin_target"):  # the losses that read the reward model's margin
-        extra.append(f"--data.reward_model={random_reward_model}")
-    cli_main(tiny_args(f"{loss}.yaml", tmp_path, *extra, "--data.batch_size=8", name="single"))
-    ddp_args = tiny_args(f"{loss}.yaml", tmp_path, *extra, "--data.batch_size=4", name="ddp")
-    run_cli_subprocess([*ddp_args, "--trainer", str(REPO / "configs/trainer/ddp_cpu.yaml")])
-    single = scalars(tmp_path / "runs" / "single")
-    ddp = scalars(tmp_path / "runs" / "ddp")
+@pytest.mark.xdist_group("ddp_parity")  # under `pytest -n`: one worker runs the shared launch, not each
+@pytest.mark.parametrize("loss", LOSSES)
+def test_ddp_two_processes_equal_one_process(loss, parity_runs):
+    runs = parity_runs / loss / "runs"
+    single = scalars(runs / "single")
+    ddp = scalars(runs / "ddp")
     assert single["train/loss_step"] and [s for s, _ in single["train/loss_step"]] == [0, 1, 2]
     for tag in CHECKED:
         if tag not in single:
@@ -46,8 +70,8 @@ def test_ddp_two_processes_equal_one_process(loss, tmp_path, random_reward_model
         assert tag in ddp, tag
         a, b = [v for _, v in single[tag]], [v for _, v in ddp[tag]]
         assert b == pytest.approx(a, rel=1e-4, abs=2e-5), tag  # rewards/margins cancel: absolute scale
-    params_single = torch.load(tmp_path / "runs/single/version_0/checkpoints/last.ckpt", weights_only=True)
-    params_ddp = torch.load(tmp_path / "runs/ddp/version_0/checkpoints/last.ckpt", weights_only=True)
+    params_single = torch.load(runs / "single/version_0/checkpoints/last.ckpt", weights_only=True)
+    params_ddp = torch.load(runs / "ddp/version_0/checkpoints/last.ckpt", weights_only=True)
     assert params_ddp["global_step"] == params_single["global_step"] == 3
     assert_params_match(params_single["state_dict"], params_ddp["state_dict"], steps=3, lr=1e-3)
 

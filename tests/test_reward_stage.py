@@ -185,3 +185,25 @@ def test_a_warm_start_that_validates_better_than_the_preference_fit_is_the_expor
     warmed = load_reward_model(str(result.path / "warm_start" / "model")).state_dict()
     assert all(torch.equal(exported[k], warmed[k]) for k in warmed)
     assert result.stats["quality"] == result.stats["warm_start"]["quality"]  # measured on the model it exports
+
+
+def test_warm_start_pairs_and_group_by_length_reach_both_fits(tmp_path, upstream, monkeypatch):
+    from madpo.pipeline import reviews
+    from madpo.pipeline.stages import training
+
+    sentences = [{"prompt": "Review:", "chosen": "fine " * (1 + i), "rejected": "dull " * (16 - i)} for i in range(16)]
+    monkeypatch.setattr(reviews, "sentiment_pairs", lambda source, seed: sentences)
+    real_fit, seen = training.fit, []
+
+    def fit(ctx, settings, stage_dir, module, train, val, **kw):
+        result, datamodule = real_fit(ctx, settings, stage_dir, module, train, val, **kw)
+        seen.append((stage_dir.name, [r["chosen"] for r in train], datamodule.hparams.group_by_length))
+        return result, datamodule
+
+    monkeypatch.setattr(training, "fit", fit)
+    result = _run(tmp_path, upstream, warm_start="rotten_tomatoes", warm_start_pairs=10, group_by_length=True)
+    assert result.stats["warm_start"]["n_pairs"] == 10
+    assert seen[0] == ("warm_start", [s["chosen"] for s in sentences[:10]], True)  # the first 10, in order
+    assert seen[1][0] == result.path.name and seen[1][2] is True
+    unsliced = _run(tmp_path / "all", upstream, warm_start="rotten_tomatoes")
+    assert unsliced.stats["warm_start"]["n_pairs"] == 16 and unsliced.path.name != result.path.name

@@ -273,3 +273,20 @@ def test_frontier_methods_are_planned_and_compared_at_matched_kl(reproduce: Modu
     assert "At matched KL" in md and "| odpo |" in md and Path(written["frontier"]).exists()
     with pytest.raises(SystemExit, match="unknown method"):
         reproduce.main(args(tmp_path, *extra[:-1], "dpo,nope"), pipeline=FakePipeline)
+
+
+def test_the_committed_competitor_cells_are_found_by_the_sweeps_config(
+    reproduce: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's competitor sweep on configs/pipeline/imdb_1k.yaml finds every committed cell and record: an edit
+    of that file (or of what keys a cell) that would orphan them fails here, not on a user's machine hours later."""
+    argv = [
+        "-c", str(REPO / "configs" / "pipeline" / "imdb_1k.yaml"),
+        "--methods", "dpo,madpo,odpo,margin_target,cdpo,rdpo,hinge", "--noise-matched",
+        "--tiers", "high,medium,low", "--seeds", "0,1,2",
+        "--frontier", "--frontier-grid", "0.05,0.1", "--frontier-tier", "high",
+        "--frontier-methods", "dpo,madpo,odpo,margin_target",
+        "--results-dir", str(tmp_path / "results"), "--pending",
+    ]
+    listed = reproduce.main(argv, pipeline=spy_pipeline)
+    assert listed == {"pending_cells": [], "pending_records": []}, capsys.readouterr().out

@@ -2,8 +2,9 @@
 
 `python cli.py pipeline -c configs/pipeline/quickstart.yaml --policy.method dpo` parses into `PipelineConfig` with
 jsonargparse: every field below is a flag (`--<section>.<field>`), and its docstring is that flag's help. The defaults
-are the offline quickstart's sizes (`configs/pipeline/quickstart.yaml` spells them out and adds bf16-mixed training
-and 2 threads); `configs/imdb/paper.yaml` is the paper's protocol with hub models.
+are the sweeps' sizes (`configs/pipeline/imdb_1k.yaml` spells them out and adds bf16-mixed training and 2 threads;
+`configs/pipeline/quickstart.yaml` is a smaller copy); `configs/imdb/paper.yaml` is the paper's protocol with hub
+models.
 
 Each stage hashes only the sections it reads (see `madpo.pipeline.stages`), so changing e.g. `policy.method` reuses the
 cached tokenizer, base LM, SFT model, pairs and reward models.
@@ -224,6 +225,11 @@ class RewardConfig:
     preference data does not carry, so such a reward model is its own variant in any comparison. null: none."""
     warm_start_epochs: int = 1
     """Epochs over the warm-start pairs."""
+    warm_start_pairs: int | None = None
+    """Train the warm start on the first n of its (seeded, shuffled) pairs; null: all of them."""
+    group_by_length: bool = False
+    """Batches of pairs of similar lengths in the warm start and the preference fit (less padding: faster steps on
+    texts of varied length, such as the warm start's sentences); the order stays seeded."""
 
 
 @dataclass
@@ -344,7 +350,9 @@ class TrainerConfig:
     devices: int = 1
     """Devices per training stage (the pipeline runs in one process; use `python cli.py fit` for DDP)."""
     precision: str = "32-true"
-    """Training precision: 32-true (default) or bf16-mixed (about 2.6× faster on a CPU with avx512_bf16)."""
+    """Training precision: 32-true (default), bf16-mixed (about 2.6× faster on a CPU with avx512_bf16 or AMX, several
+    times slower on one without), or auto: bf16-mixed where the CPU or GPU has bf16 arithmetic, else 32-true
+    (`madpo.hardware.resolve_precision`, applied when the config is parsed)."""
     num_threads: int | None = None
     """torch.set_num_threads for the whole run (null: leave PyTorch's default)."""
     log_every_n_steps: int = 10

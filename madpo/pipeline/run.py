@@ -18,6 +18,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
+from madpo.hardware import resolve_precision, slow_precision_warning
 from madpo.io import atomic_write_json, atomic_write_text
 from madpo.losses import loss_config
 from madpo.pipeline.config import PipelineConfig
@@ -46,7 +47,13 @@ def build_parser() -> ArgumentParser:
 
 
 def _to_config(init: Namespace) -> PipelineConfig:
-    return PipelineConfig(**{f.name: init[f.name] for f in dataclasses.fields(PipelineConfig)})
+    cfg = PipelineConfig(**{f.name: init[f.name] for f in dataclasses.fields(PipelineConfig)})
+    # `precision: auto` becomes this machine's choice here, so that stage keys and sweep cells name what ran
+    cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    warning = slow_precision_warning(cfg.trainer.precision, cfg.trainer.accelerator)
+    if warning:
+        logging.getLogger("madpo.pipeline").warning(warning)
+    return cfg
 
 
 def parse_config(argv: list[str] | None = None) -> PipelineConfig:

@@ -116,7 +116,11 @@ class TrainingSettings:
 
     @classmethod
     def of(cls, trainer: TrainerConfig) -> TrainingSettings:
-        return cls(**{f.name: getattr(trainer, f.name) for f in dataclasses.fields(cls)})
+        from madpo.hardware import resolve_precision
+
+        settings = {f.name: getattr(trainer, f.name) for f in dataclasses.fields(cls)}
+        settings["precision"] = resolve_precision(trainer.precision, trainer.accelerator)
+        return cls(**settings)
 
 
 TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSettings))

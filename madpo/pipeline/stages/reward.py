@@ -91,6 +91,7 @@ def train_reward_model(inputs: RewardInputs, path: Path, ctx: Context) -> StageO
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         val_every_n_steps=cfg.val_every_n_steps,
         early_stopping_patience=cfg.early_stopping_patience,
+        group_by_length=cfg.group_by_length,
     )
     acc = result["metrics"].get("val/accuracy")
     if acc is not None:
@@ -136,7 +137,7 @@ def warm_start(
     from madpo.pipeline.reviews import sentiment_pairs
 
     cfg = inputs.cfg
-    rows = sentiment_pairs(cfg.warm_start, cfg.seed)
+    rows = sentiment_pairs(cfg.warm_start, cfg.seed)[: cfg.warm_start_pairs]
     out = path / "warm_start"
     result, _ = training.fit(
         ctx,
@@ -152,6 +153,7 @@ def warm_start(
         seed=cfg.seed,
         epochs=cfg.warm_start_epochs,
         max_steps=None,
+        group_by_length=cfg.group_by_length,
     )
     acc = result["metrics"].get("val/accuracy")
     say(

@@ -56,11 +56,13 @@ def fit(
     accumulate_grad_batches: int = 1,
     val_every_n_steps: int | None = None,
     early_stopping_patience: int | None = None,
+    group_by_length: bool = False,
 ) -> tuple[dict, Any]:
     """Train `module` on the rows `train` (validating on `val`, a `datasets.Dataset` or None) through
     `PreferenceDataModule` and one `lightning.Trainer` (TensorBoard under the stage dir, progress bar,
     `DestroyProcessGroup`), validating once at the end, or every `val_every_n_steps` optimiser steps keeping the
-    best weights (lowest val/loss) and optionally stopping early. Every training stage trains through it. Returns
+    best weights (lowest val/loss) and optionally stopping early; `group_by_length`: batches of similar lengths (the
+    DataModule's option: less padding). Every training stage trains through it. Returns
     (the final metrics and the data statistics, the DataModule)."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
@@ -82,6 +84,7 @@ def fit(
         batch_size=batch_size,
         seed=seed,
         cache_dir=str(ctx.cache_dir),
+        group_by_length=group_by_length,
     )
     batches_per_epoch = math.ceil(n_train_rows / batch_size)
     total_batches = epochs * batches_per_epoch
