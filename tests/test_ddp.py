@@ -12,7 +12,7 @@ import torch
 
 from madpo.cli import cli_main
 from tests.conftest import DATA, REPO
-from tests.helpers import cli_env, run_cli_subprocess, scalars, tiny_args
+from tests.helpers import cli_env, scalars, tiny_args
 
 COMMON = (
     "--trainer.max_epochs=1",
@@ -34,18 +34,40 @@ CHECKED = (
 LOSSES = ("sft", "dpo", "ipo", "beta_dpo", "madpo", "cdpo", "rdpo", "odpo", "margin_target", "hinge", "rpo")
 
 
-@pytest.fixture(scope="module")
-def parity_runs(tmp_path_factory, random_reward_model) -> Path:
-    """Every loss trained twice on the same global batch: in this process (8 pairs per step) and on 2 DDP ranks
-    (4 each), all the DDP runs in one launch (tests/cli_runs.py), so that the ranks start once."""
-    root = tmp_path_factory.mktemp("ddp")
-    ddp_runs = []
-    for loss in LOSSES:
+UNEVEN = (*COMMON[:1], "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+          f"--data.train_files={DATA / 'pairs_val.jsonl'}")
+ACCUMULATION = (*COMMON[:1], "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1")
+
+
+def cases(reward_model: str) -> dict[str, tuple[str, list[str], list[str]]]:
+    """Case name -> (tiny config, the one-process run's extra args, the 2-rank run's) on the same global batch."""
+    out = {}
+    for loss in LOSSES:  # 8 pairs per step: 8 in one process, 4 per rank
         extra = [*COMMON]
         if loss in ("madpo", "odpo", "margin_target"):  # the losses that read the reward model's margin
-            extra.append(f"--data.reward_model={random_reward_model}")
-        cli_main(tiny_args(f"{loss}.yaml", root / loss, *extra, "--data.batch_size=8", name="single"))
-        ddp_args = tiny_args(f"{loss}.yaml", root / loss, *extra, "--data.batch_size=4", name="ddp")
+            extra.append(f"--data.reward_model={reward_model}")
+        out[loss] = (f"{loss}.yaml", [*extra, "--data.batch_size=8"], [*extra, "--data.batch_size=4"])
+    # 64 pairs, 12 per step: the last step holds 4 pairs (2 per rank) in both runs
+    out["uneven"] = ("dpo.yaml", [*UNEVEN, "--data.batch_size=12"], [*UNEVEN, "--data.batch_size=6"])
+    for loss in ("sft", "beta_dpo"):  # 2 ranks x 2 micro-batches x 2 pairs = one process with 8 pairs
+        out[f"accumulation-{loss}"] = (
+            f"{loss}.yaml",
+            [*ACCUMULATION, "--trainer.limit_train_batches=3", "--data.batch_size=8"],
+            [*ACCUMULATION, "--trainer.limit_train_batches=6", "--trainer.accumulate_grad_batches=2",
+             "--data.batch_size=2"],
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, random_reward_model) -> Path:
+    """Every case trained in this process and on 2 DDP ranks, all the DDP runs in one launch (tests/cli_runs.py), so
+    that the ranks start once; case c's runs are under `<root>/c/runs/{single,ddp}`."""
+    root = tmp_path_factory.mktemp("ddp")
+    ddp_runs = []
+    for name, (config, single, ddp) in cases(random_reward_model).items():
+        cli_main(tiny_args(config, root / name, *single, name="single"))
+        ddp_args = tiny_args(config, root / name, *ddp, name="ddp")
         ddp_runs.append([*ddp_args, "--trainer", str(REPO / "configs/trainer/ddp_cpu.yaml")])
     (root / "runs.json").write_text(json.dumps(ddp_runs))
     proc = subprocess.run(
@@ -59,10 +81,10 @@ def parity_runs(tmp_path_factory, random_reward_model) -> Path:
 @pytest.mark.slow
 @pytest.mark.xdist_group("ddp_parity")  # under `pytest -n`: one worker runs the shared launch, not each
 @pytest.mark.parametrize("loss", LOSSES)
-def test_ddp_two_processes_equal_one_process(loss, parity_runs):
-    runs = parity_runs / loss / "runs"
-    single = scalars(runs / "single")
-    ddp = scalars(runs / "ddp")
+def test_ddp_two_processes_equal_one_process(loss, runs):
+    case = runs / loss / "runs"
+    single = scalars(case / "single")
+    ddp = scalars(case / "ddp")
     assert single["train/loss_step"] and [s for s, _ in single["train/loss_step"]] == [0, 1, 2]
     for tag in CHECKED:
         if tag not in single:
@@ -70,8 +92,8 @@ def test_ddp_two_processes_equal_one_process(loss, parity_runs):
         assert tag in ddp, tag
         a, b = [v for _, v in single[tag]], [v for _, v in ddp[tag]]
         assert b == pytest.approx(a, rel=1e-4, abs=2e-5), tag  # rewards/margins cancel: absolute scale
-    params_single = torch.load(runs / "single/version_0/checkpoints/last.ckpt", weights_only=True)
-    params_ddp = torch.load(runs / "ddp/version_0/checkpoints/last.ckpt", weights_only=True)
+    params_single = torch.load(case / "single/version_0/checkpoints/last.ckpt", weights_only=True)
+    params_ddp = torch.load(case / "ddp/version_0/checkpoints/last.ckpt", weights_only=True)
     assert params_ddp["global_step"] == params_single["global_step"] == 3
     assert_params_match(params_single["state_dict"], params_ddp["state_dict"], steps=3, lr=1e-3)
 
@@ -88,42 +110,23 @@ def assert_params_match(single: dict, ddp: dict, *, steps: int, lr: float) -> No
 
 
 @pytest.mark.slow
-def test_ddp_uneven_final_batch_equals_one_process(tmp_path):
+@pytest.mark.xdist_group("ddp_parity")
+def test_ddp_uneven_final_batch_equals_one_process(runs):
     """64 pairs, 12 per global step: the last step holds 4 pairs (2 per rank) in both runs; nothing hangs or differs."""
-    extra = [
-        *COMMON[:1],
-        "--trainer.limit_val_batches=1",
-        "--trainer.log_every_n_steps=1",
-        f"--data.train_files={DATA / 'pairs_val.jsonl'}",
-    ]
-    cli_main(tiny_args("dpo.yaml", tmp_path, *extra, "--data.batch_size=12", name="single"))
-    ddp_args = tiny_args("dpo.yaml", tmp_path, *extra, "--data.batch_size=6", name="ddp")
-    run_cli_subprocess([*ddp_args, "--trainer", str(REPO / "configs/trainer/ddp_cpu.yaml")])
-    single, ddp = scalars(tmp_path / "runs" / "single"), scalars(tmp_path / "runs" / "ddp")
+    single, ddp = scalars(runs / "uneven" / "runs" / "single"), scalars(runs / "uneven" / "runs" / "ddp")
     assert [s for s, _ in single["train/loss_step"]] == list(range(6))
     assert [v for _, v in ddp["train/loss_step"]] == pytest.approx([v for _, v in single["train/loss_step"]], rel=1e-4)
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp_parity")
 @pytest.mark.parametrize("loss", ["sft", "beta_dpo"])
-def test_ddp_with_gradient_accumulation_equals_one_large_batch(loss, tmp_path):
+def test_ddp_with_gradient_accumulation_equals_one_large_batch(loss, runs):
     """2 ranks x 2 micro-batches x 2 pairs per optimiser step = one process with 8 pairs: SFT's token mean and
     β-DPO's EMA, mask and β span the whole step across ranks and micro-batches."""
-    extra = [*COMMON[:1], "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"]
-    cli_main(tiny_args(f"{loss}.yaml", tmp_path, *extra, "--trainer.limit_train_batches=3", "--data.batch_size=8",
-                       name="single"))
-    ddp_args = tiny_args(
-        f"{loss}.yaml",
-        tmp_path,
-        *extra,
-        "--trainer.limit_train_batches=6",
-        "--trainer.accumulate_grad_batches=2",
-        "--data.batch_size=2",
-        name="ddp",
-    )
-    run_cli_subprocess([*ddp_args, "--trainer", str(REPO / "configs/trainer/ddp_cpu.yaml")])
-    params_single = torch.load(tmp_path / "runs/single/version_0/checkpoints/last.ckpt", weights_only=True)
-    params_ddp = torch.load(tmp_path / "runs/ddp/version_0/checkpoints/last.ckpt", weights_only=True)
+    case = runs / f"accumulation-{loss}" / "runs"
+    params_single = torch.load(case / "single/version_0/checkpoints/last.ckpt", weights_only=True)
+    params_ddp = torch.load(case / "ddp/version_0/checkpoints/last.ckpt", weights_only=True)
     assert params_ddp["global_step"] == params_single["global_step"] == 3
     if loss == "beta_dpo":
         assert int(params_ddp["state_dict"]["loss.step"]) == 3  # one EMA update per optimiser step
