@@ -28,8 +28,13 @@ from madpo.hardware import cpu_has_bf16, resolve_precision  # noqa: E402
 
 def base_lm() -> tuple[torch.nn.Module, dict]:
     cfg = LlamaConfig(
-        vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-        max_position_embeddings=256, tie_word_embeddings=True,
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
     )
     ids = torch.randint(0, cfg.vocab_size, (8, 96))
     return LlamaForCausalLM(cfg), {"input_ids": ids, "labels": ids}
@@ -37,7 +42,11 @@ def base_lm() -> tuple[torch.nn.Module, dict]:
 
 def minilm_sized() -> tuple[torch.nn.Module, dict]:
     cfg = BertConfig(
-        vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+        vocab_size=30522,
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=12,
     )
     return BertModel(cfg), {"input_ids": torch.randint(0, cfg.vocab_size, (16, 64))}
 
@@ -46,9 +55,7 @@ def step_seconds(build, precision: str, reps: int, seed: int = 0) -> list[float]
     torch.manual_seed(seed)
     model, batch = build()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
-    )
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
     times = []
     for i in range(reps + 1):  # the first step warms up kernels and the allocator
         start = time.perf_counter()

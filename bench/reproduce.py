@@ -10,6 +10,7 @@ margin_target) or none (cDPO, rDPO, hinge), plus the two things the paper's tabl
     python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --jobs 2   # 2 worker processes x 1 thread each
     python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --pending  # what is left; trains nothing
     python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --max-cells 4   # 4 more cells, then the reports
+    python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --time-budget 120   # cells that finish in 2 h
 
 Every option not listed below is a pipeline flag (`--policy.lr`, `--output_dir`, ...). Every finished cell (policy +
 evaluation) and every other number the reports quote (the SFT model's reward, each tier's label noise, pair counts
@@ -96,6 +97,15 @@ def bench_parser() -> argparse.ArgumentParser:
         "--max-cells", type=int, default=None, help="run at most this many pending cells, then write the reports"
     )
     p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="start no cell that would not finish within this many minutes of the start (by the last cell's time, "
+        "else the stored cells' median), so that a session's end kills no half-trained cell; the rest stays pending",
+    )
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # a --jobs worker's time.time()
+    p.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None, pipeline: Any = None) -> dict:
             raise SystemExit(f"unknown tier {t!r}; expected some of {list(TIER_NAMES)}")
     if opts.max_cells is not None and opts.max_cells < 0:
         raise SystemExit(f"--max-cells {opts.max_cells}: must be >= 0")
+    if opts.time_budget is not None and opts.time_budget <= 0:
+        raise SystemExit(f"--time-budget {opts.time_budget}: must be > 0 minutes")
     return sweep(opts, argv, cfg, Path(__file__).resolve(), pipeline)
 
 

@@ -130,4 +130,3 @@ def load_bench_script(name: str, monkeypatch: Any) -> ModuleType:
     monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
     return module
-

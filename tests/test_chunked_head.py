@@ -26,8 +26,15 @@ def batch() -> dict[str, torch.Tensor]:
 def _model(model_type: str, **config) -> torch.nn.Module:
     tok = load_tokenizer(TINY_LLAMA)
     model = build_causal_lm(
-        tok, model_type=model_type, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, **config,
+        tok,
+        model_type=model_type,
+        seed=0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        **config,
     )
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(30)  # spread the logits, so the head maths matter

@@ -34,8 +34,12 @@ CHECKED = (
 LOSSES = ("sft", "dpo", "ipo", "beta_dpo", "madpo", "cdpo", "rdpo", "odpo", "margin_target", "hinge", "rpo")
 
 
-UNEVEN = (*COMMON[:1], "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
-          f"--data.train_files={DATA / 'pairs_val.jsonl'}")
+UNEVEN = (
+    *COMMON[:1],
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    f"--data.train_files={DATA / 'pairs_val.jsonl'}",
+)
 ACCUMULATION = (*COMMON[:1], "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1")
 
 
@@ -53,8 +57,12 @@ def cases(reward_model: str) -> dict[str, tuple[str, list[str], list[str]]]:
         out[f"accumulation-{loss}"] = (
             f"{loss}.yaml",
             [*ACCUMULATION, "--trainer.limit_train_batches=3", "--data.batch_size=8"],
-            [*ACCUMULATION, "--trainer.limit_train_batches=6", "--trainer.accumulate_grad_batches=2",
-             "--data.batch_size=2"],
+            [
+                *ACCUMULATION,
+                "--trainer.limit_train_batches=6",
+                "--trainer.accumulate_grad_batches=2",
+                "--data.batch_size=2",
+            ],
         )
     return out
 
@@ -72,7 +80,11 @@ def runs(tmp_path_factory, random_reward_model) -> Path:
     (root / "runs.json").write_text(json.dumps(ddp_runs))
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "cli_runs.py"), str(root / "runs.json")],
-        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return root

@@ -281,12 +281,54 @@ def test_the_committed_competitor_cells_are_found_by_the_sweeps_config(
     """The README's competitor sweep on configs/pipeline/imdb_1k.yaml finds every committed cell and record: an edit
     of that file (or of what keys a cell) that would orphan them fails here, not on a user's machine hours later."""
     argv = [
-        "-c", str(REPO / "configs" / "pipeline" / "imdb_1k.yaml"),
-        "--methods", "dpo,madpo,odpo,margin_target,cdpo,rdpo,hinge", "--noise-matched",
-        "--tiers", "high,medium,low", "--seeds", "0,1,2",
-        "--frontier", "--frontier-grid", "0.05,0.1", "--frontier-tier", "high",
-        "--frontier-methods", "dpo,madpo,odpo,margin_target",
-        "--results-dir", str(tmp_path / "results"), "--pending",
+        "-c",
+        str(REPO / "configs" / "pipeline" / "imdb_1k.yaml"),
+        "--methods",
+        "dpo,madpo,odpo,margin_target,cdpo,rdpo,hinge",
+        "--noise-matched",
+        "--tiers",
+        "high,medium,low",
+        "--seeds",
+        "0,1,2",
+        "--frontier",
+        "--frontier-grid",
+        "0.05,0.1",
+        "--frontier-tier",
+        "high",
+        "--frontier-methods",
+        "dpo,madpo,odpo,margin_target",
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--pending",
     ]
     listed = reproduce.main(argv, pipeline=spy_pipeline)
     assert listed == {"pending_cells": [], "pending_records": []}, capsys.readouterr().out
+
+
+def test_time_budget_starts_no_cell_that_cannot_finish(reproduce: ModuleType, tmp_path: Path) -> None:
+    """A stored cell took 2 s (the fake stages' 1 s each), so a budget of 0.6 s starts nothing and the report lists
+    every cell as pending, while a budget of 10 min runs them all; the continue command drops the budget."""
+    reproduce.main(args(tmp_path, "--methods", "dpo,madpo", "--max-cells", "1"), pipeline=FakePipeline)
+    FakePipeline.calls = []
+    written = reproduce.main(args(tmp_path, "--methods", "dpo,madpo", "--time-budget", "0.01"), pipeline=FakePipeline)
+    assert trained(FakePipeline.calls) == []
+    payload = json.loads((tmp_path / "results" / "imdb-offline.json").read_text())
+    assert len(payload["pending"]) == 7 and "--time-budget" not in payload["continue"]
+    assert "## Pending cells (7)" in Path(written["table"]).read_text()
+    FakePipeline.calls = []
+    reproduce.main(args(tmp_path, "--methods", "dpo,madpo", "--time-budget", "10"), pipeline=FakePipeline)
+    assert len(trained(FakePipeline.calls)) == 7
+
+
+def test_the_budget_expects_the_last_cell_own_time_before_the_stored_median(reproduce: ModuleType) -> None:
+    import time
+
+    from sweep.runner import Budget
+
+    assert Budget(None, estimate=1e9).allows()
+    assert Budget(time.time() + 60, estimate=None).allows()  # nothing known: the first cell starts
+    budget = Budget(time.time() + 60, estimate=1e9)
+    assert not budget.allows()
+    budget.timed(lambda: time.sleep(0.01))
+    assert 0.005 < budget.estimate < 30 and budget.allows()
+    assert "2 cells left unstarted" in budget.stop_message(2)

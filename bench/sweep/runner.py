@@ -14,9 +14,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cellstore import CellStore
 
 from madpo.pipeline.config import PipelineConfig
@@ -28,7 +30,48 @@ from .margin_best import margin_best_rows
 from .plan import Planned, context_tiers, plan, unique_runs
 from .report import cells_json, main_table
 
-_DROP_ON_CONTINUE = {"--max-cells": 1, "--pending": 0, "--shard": 1, "--shard-keys": 1}
+_DROP_ON_CONTINUE = {
+    "--max-cells": 1,
+    "--pending": 0,
+    "--shard": 1,
+    "--shard-keys": 1,
+    "--time-budget": 1,
+    "--deadline": 1,
+}
+
+
+@dataclass
+class Budget:
+    """`--time-budget`: start a cell only if it can finish by the deadline, so that a session's end (which kills
+    what still runs) loses no half-trained cell. A cell is expected to take as long as the last one this process ran
+    (same threads, same machine), else the median of the sweep's stored cells, else nothing is known and it starts."""
+
+    deadline: float | None
+    """time.time() by which every started cell should be finished; None: no limit."""
+    estimate: float | None = None
+    """Expected seconds of the next cell."""
+
+    def allows(self) -> bool:
+        return self.deadline is None or time.time() + (self.estimate or 0.0) <= self.deadline
+
+    def timed(self, run: Callable[[], Any]) -> Any:
+        began = time.perf_counter()
+        out = run()
+        self.estimate = time.perf_counter() - began
+        return out
+
+    def stop_message(self, left: int) -> str:
+        minutes = max(0.0, ((self.deadline or 0.0) - time.time()) / 60)
+        return (
+            f"bench: time budget: {left} cells left unstarted ({minutes:.0f} min left, a cell takes about "
+            f"{(self.estimate or 0.0) / 60:.0f} min); they are pending in the reports"
+        )
+
+
+def stored_seconds(records: Records, runs: list[Planned]) -> float | None:
+    """Median wall time (policy + evaluation) of this sweep's stored cells; None when none is stored."""
+    seconds = [c.policy_seconds + c.eval_seconds for p in runs if (c := records.cell(p.spec)) is not None]
+    return float(np.median(seconds)) if seconds else None
 
 
 def continue_argv(argv: list[str]) -> list[str]:
@@ -90,7 +133,14 @@ def print_pending(records: Records, opts: argparse.Namespace, cfg: PipelineConfi
     return {"pending_cells": [p.label for p in cells], "pending_records": missing}
 
 
-def run_workers(opts: argparse.Namespace, argv: list[str], cfg: PipelineConfig, script: Path, keys: list[str]) -> None:
+def run_workers(
+    opts: argparse.Namespace,
+    argv: list[str],
+    cfg: PipelineConfig,
+    script: Path,
+    keys: list[str],
+    budget: Budget,
+) -> None:
     """`--jobs n`: n copies of the script, worker k running cells k, k+n, ... of `keys` and storing each one it
     finishes (they share the stage output dir and the store, nothing else). Threads are split between them."""
     threads = max(1, (cfg.trainer.num_threads or os.cpu_count() or 1) // opts.jobs)
@@ -101,6 +151,8 @@ def run_workers(opts: argparse.Namespace, argv: list[str], cfg: PipelineConfig, 
         for k in range(opts.jobs):
             cmd = [sys.executable, str(script), *continue_argv(argv), "--shard", f"{k}/{opts.jobs}"]
             cmd += ["--shard-keys", str(keys_file), "--trainer.num_threads", str(threads)]
+            if budget.deadline is not None:
+                cmd += ["--deadline", repr(budget.deadline)]
             procs.append(subprocess.Popen([*cmd, "--trainer.progress_bar", "false"]))
         failed = [k for k, proc in enumerate(procs) if proc.wait() != 0]
     if failed:
@@ -116,6 +168,9 @@ def sweep(
 ) -> dict[str, Any]:
     """The whole invocation after parsing; returns what it wrote ({report: path}) or listed (--pending)."""
     start = time.perf_counter()
+    deadline = opts.deadline
+    if deadline is None and opts.time_budget is not None:
+        deadline = time.time() + 60 * opts.time_budget
     records = Records(cfg, CellStore(Path(opts.cells_dir)), pipeline)
     if opts.pending:
         return print_pending(records, opts, cfg)
@@ -128,24 +183,32 @@ def sweep(
         by_key = {p.key: p for p in runs}
         mine = [by_key[key] for key in wanted[k::n] if key in by_key]
         say(f"bench worker {k}/{n}: {len(mine)} cells")
+        budget = Budget(deadline, stored_seconds(records, runs))
         for i, p in enumerate(mine, 1):
             if records.store.get(p.spec) is None:
+                if not budget.allows():
+                    say(budget.stop_message(len(mine) - i + 1))
+                    break
                 say(f"bench worker {k}/{n}: cell {i}/{len(mine)}: {policy_label(p.policy)}")
-                records.run(p.policy, p.spec, policy_label(p.policy))
+                budget.timed(lambda p=p: records.run(p.policy, p.spec, policy_label(p.policy)))
         return {}
     pending = [p for p in runs if records.store.get(p.spec) is None]
     todo = pending if opts.max_cells is None else pending[: opts.max_cells]
     say(f"bench: {len(runs)} cells, {len(runs) - len(pending)} stored, {len(todo)} to run now")
+    budget = Budget(deadline, stored_seconds(records, runs))
     sft = records.sft() if not opts.no_table else None
     if todo and opts.jobs > 1:
         # the reward models first, here, so that no two workers train the same one
         for tier in sorted({p.policy.tier for p in todo if p.policy.needs_reward_model}):
             records.pipe.reward(tier)
-        run_workers(opts, argv, cfg, script, [p.key for p in todo])
+        run_workers(opts, argv, cfg, script, [p.key for p in todo], budget)
     else:
         for i, p in enumerate(todo, 1):
+            if not budget.allows():
+                say(budget.stop_message(len(todo) - i + 1))
+                break
             say(f"bench: cell {i}/{len(todo)}: {p.label}")
-            records.run(p.policy, p.spec, policy_label(p.policy))
+            budget.timed(lambda p=p: records.run(p.policy, p.spec, policy_label(p.policy)))
             if p.report == "table":  # partial reports after every table cell: a long sweep can be read meanwhile
                 write_reports(opts, argv, cfg, records, planned, sft, pairs, reward, time.perf_counter() - start)
     written = write_reports(opts, argv, cfg, records, planned, sft, pairs, reward, time.perf_counter() - start)
