@@ -146,8 +146,9 @@ def test_warm_start_trains_on_sentiment_pairs_first_and_the_preference_fit_start
     result = _run(tmp_path, upstream, warm_start="rotten_tomatoes")
     warm = result.stats["warm_start"]
     assert warm["source"] == "rotten_tomatoes" and warm["n_pairs"] == 16 and "val/accuracy" in warm["metrics"]
-    assert [(s.name, n) for s, n, _ in starts] == [("warm_start", 16), (result.path.name, 48)]
-    warmed = load_reward_model(str(result.path / "warm_start" / "model")).state_dict()
+    assert [(s.name, n) for s, n, _ in starts] == [(warm["stage"], 16), (result.path.name, 48)]
+    assert warm["stage"].startswith("reward_warm_start-")
+    warmed = load_reward_model(str(result.path.parent / warm["stage"] / "model")).state_dict()
     # the preference fit starts from the warm-started weights, head included, not from the base model
     assert all(torch.equal(starts[1][2][k], warmed[k]) for k in warmed)
     assert not all(torch.equal(starts[0][2][k], warmed[k]) for k in warmed)
@@ -165,24 +166,24 @@ def test_a_warm_start_that_validates_better_than_the_preference_fit_is_the_expor
 
     from madpo.modeling import load_reward_model
     from madpo.pipeline import reviews
-    from madpo.pipeline.stages import training
+    from madpo.pipeline.stages import reward as reward_stage
 
     sentences = [{"prompt": "Review:", "chosen": f"a fine film {i}", "rejected": f"a dull film {i}"} for i in range(8)]
     monkeypatch.setattr(reviews, "sentiment_pairs", lambda source, seed: sentences)
-    real_fit = training.fit
+    real_quality = reward_stage.reward_model_quality
 
-    def fit(ctx, settings, stage_dir, module, train, val, **kw):  # the preference fit validates worse than any
-        result, dm = real_fit(ctx, settings, stage_dir, module, train, val, **kw)
-        if stage_dir.name != "warm_start":
-            result["metrics"]["val/loss"] = float("inf")
-        return result, dm
+    def quality(ctx, inputs, model, *args):  # the preference fit validates worse than the warm start
+        measured = real_quality(ctx, inputs, model, *args)
+        if not model.parent.name.startswith("reward_warm_start-"):
+            measured["quality"] = {**measured["quality"], "rm_bt_loss": float("inf")}
+        return measured
 
-    monkeypatch.setattr(training, "fit", fit)
+    monkeypatch.setattr(reward_stage, "reward_model_quality", quality)
     result = _run(tmp_path, upstream, warm_start="rotten_tomatoes")
     assert result.stats["kept"] == "warm_start" and result.stats["best_step"] == 0
     assert result.stats["metrics"] == result.stats["warm_start"]["metrics"]
     exported = load_reward_model(result.output("model")).state_dict()
-    warmed = load_reward_model(str(result.path / "warm_start" / "model")).state_dict()
+    warmed = load_reward_model(str(result.path.parent / result.stats["warm_start"]["stage"] / "model")).state_dict()
     assert all(torch.equal(exported[k], warmed[k]) for k in warmed)
     assert result.stats["quality"] == result.stats["warm_start"]["quality"]  # measured on the model it exports
 
@@ -203,7 +204,49 @@ def test_warm_start_pairs_and_group_by_length_reach_both_fits(tmp_path, upstream
     monkeypatch.setattr(training, "fit", fit)
     result = _run(tmp_path, upstream, warm_start="rotten_tomatoes", warm_start_pairs=10, group_by_length=True)
     assert result.stats["warm_start"]["n_pairs"] == 10
-    assert seen[0] == ("warm_start", [s["chosen"] for s in sentences[:10]], True)  # the first 10, in order
+    assert seen[0][0].startswith("reward_warm_start-")
+    assert seen[0][1:] == ([s["chosen"] for s in sentences[:10]], True)  # the first 10, in order
     assert seen[1][0] == result.path.name and seen[1][2] is True
     unsliced = _run(tmp_path / "all", upstream, warm_start="rotten_tomatoes")
     assert unsliced.stats["warm_start"]["n_pairs"] == 16 and unsliced.path.name != result.path.name
+
+
+def test_one_warm_start_serves_every_tier_and_every_preference_fit(tmp_path, upstream, monkeypatch):
+    """The warm start reads no tier and none of the preference fit's fields: a second tier and a retuned preference
+    fit find it cached (one warm-start fit in all), while its own fields retrain it."""
+    from madpo.pipeline import reviews
+    from madpo.pipeline.stages import training
+
+    sentences = [{"prompt": "Review:", "chosen": f"a fine film {i}", "rejected": f"a dull film {i}"} for i in range(8)]
+    monkeypatch.setattr(reviews, "sentiment_pairs", lambda source, seed: sentences)
+    real_fit, fits = training.fit, []
+
+    def fit(ctx, settings, stage_dir, module, train, val, **kw):
+        fits.append(stage_dir.name)
+        return real_fit(ctx, settings, stage_dir, module, train, val, **kw)
+
+    monkeypatch.setattr(training, "fit", fit)
+    base, pairs = upstream
+    ctx = Context(tmp_path / "run", progress_bar=False)
+    low_pairs = StageResult("pairs", "pairs", pairs.path, "p0", {"outputs": {
+        "low/train": pairs.manifest["outputs"]["high/train"], "low/eval": pairs.manifest["outputs"]["high/eval"]}},
+        cached=True)  # fmt: skip
+    results = [
+        stage_reward(
+            ctx,
+            RewardInputs(
+                RewardConfig(batch_size=8, warm_start="rotten_tomatoes", **cfg), tier, *LENGTHS, SETTINGS, base, p
+            ),
+        )  # fmt: skip
+        for tier, p, cfg in (
+            ("high", pairs, {"max_steps": 3, "n_val": 16}),
+            ("low", low_pairs, {"max_steps": 3, "n_val": 16}),
+            ("high", pairs, {"max_steps": 2, "n_val": 8, "epochs": 3}),
+            ("high", pairs, {"max_steps": 3, "n_val": 16, "warm_start_pairs": 4}),
+        )
+    ]
+    warm_fits = [name for name in fits if name.startswith("reward_warm_start-")]
+    assert len(warm_fits) == 2 and len(fits) == 6  # 4 preference fits; the warm start for 8 pairs, then for 4
+    stages = [r.stats["warm_start"]["stage"] for r in results]
+    assert stages[0] == stages[1] == stages[2] != stages[3]
+    assert len({r.path.name for r in results}) == 4

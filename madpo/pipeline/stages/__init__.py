@@ -24,6 +24,8 @@ Stages, in order (the arrows are their inputs), one module each:
    labels (eq. (35)–(36)), train/eval split: `pairs/<tier>/{train,eval}.jsonl` (TRL format + oracle columns) and a
    report.
 7. `reward` <- base_model, pairs (per tier): a Bradley–Terry reward model (eq. (21)).
+   With `reward.warm_start`, `reward_warm_start` <- base_model (none with `reward.backbone`) first: BT on
+   labelled sentiment pairs, trained once and continued from by every tier.
 8. `policy` <- sft, pairs, reward (MADPO methods): the preference-optimised policy.
 9. `evaluate` <- the model (policy or SFT), sft (reference), oracle, pairs: oracle reward on held-out prompts
    (eq. (38)), KL(policy‖SFT) (eq. (39)), examples; results.json/.md and TensorBoard.

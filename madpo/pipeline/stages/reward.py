@@ -3,6 +3,7 @@ m = r(chosen) − r(rejected) on a tier's pairs, which the MADPO policy stage re
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class RewardInputs(StageInputs):
     training: TrainingSettings
     base: StageResult
     pairs: StageResult
+    warm: StageResult | None = None
+    """The `reward_warm_start` stage the preference fit continues from (`stage_reward` fills it in)."""
 
     @property
     def label(self) -> str:
@@ -57,6 +60,71 @@ class RewardInputs(StageInputs):
         return rm_lengths(self.cfg.max_length or self.max_length)
 
 
+PREFERENCE_FIT_FIELDS = (
+    "epochs",
+    "max_steps",
+    "accumulate_grad_batches",
+    "n_val",
+    "val_every_n_steps",
+    "early_stopping_patience",
+)
+"""Reward-section fields only the preference fit reads: the warm start's key holds them at their defaults, so that
+tuning the preference fit keeps the warm start."""
+
+
+@dataclass(frozen=True)
+class WarmStartInputs(StageInputs):
+    """What `reward.warm_start` reads: the reward section less the preference fit's fields, the reward model's own
+    lengths, the trainer settings and the base model (None with a `reward.backbone`, which it then does not read).
+    No tier and no pairs: one warm start serves every tier's reward model."""
+
+    stage = "reward_warm_start"
+    cfg: RewardConfig
+    rm_lengths: tuple[int, int]
+    training: TrainingSettings
+    base: StageResult | None
+
+    @property
+    def label(self) -> str:
+        return "reward_warm_start"
+
+    @classmethod
+    def of(cls, reward: RewardInputs) -> WarmStartInputs:
+        defaults = RewardConfig()
+        cfg = dataclasses.replace(reward.cfg, **{f: getattr(defaults, f) for f in PREFERENCE_FIT_FIELDS})
+        return cls(cfg, reward.rm_lengths, reward.training, reward.base if reward.cfg.backbone is None else None)
+
+
+def train_warm_start(inputs: WarmStartInputs, path: Path, ctx: Context) -> StageOutput:
+    """`reward.warm_start`: a reward model trained with the BT loss on labelled sentiment pairs (a corpus disjoint
+    from the oracle's), exported for every tier's preference pairs to continue from. It validates on no tier's pairs
+    (its weights do not depend on them); each reward stage measures it on its own validation pairs."""
+    from madpo.pipeline.reviews import sentiment_pairs
+
+    cfg = inputs.cfg
+    training.seed_everything(cfg.seed)
+    backbone = backbone_location(cfg.backbone) or inputs.base.output("model")
+    rows = sentiment_pairs(cfg.warm_start, cfg.seed)[: cfg.warm_start_pairs]
+    result, _ = training.fit(
+        ctx,
+        inputs.training,
+        path,
+        reward_module(cfg, inputs.training, backbone, path / "model"),
+        training.dataset(rows, PAIR_COLUMNS),
+        None,
+        tokenizer=backbone,
+        max_length=inputs.rm_lengths[1],
+        max_prompt_length=inputs.rm_lengths[0],
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        epochs=cfg.warm_start_epochs,
+        max_steps=None,
+        group_by_length=cfg.group_by_length,
+    )
+    say(f"reward warm start: {len(rows)} {cfg.warm_start} pairs, {result['global_step']} steps")
+    return StageOutput({"model": "model"}, {"source": cfg.warm_start, "n_pairs": len(rows), **result})
+
+
 def train_reward_model(inputs: RewardInputs, path: Path, ctx: Context) -> StageOutput:
     from madpo.modeling import load_tokenizer
 
@@ -72,13 +140,14 @@ def train_reward_model(inputs: RewardInputs, path: Path, ctx: Context) -> StageO
     train, val, train_rows, n_val = pair_data(inputs.pairs, tier, cfg.n_val, tok, max_prompt_length)
     n_train = len(train_rows)
     warm = None
-    if cfg.warm_start:
-        backbone, warm = warm_start(ctx, inputs, path, backbone, val, lengths=(max_prompt_length, max_length))
+    if inputs.warm is not None:
+        backbone = inputs.warm.output("model")
+        warm = {k: inputs.warm.stats[k] for k in ("source", "n_pairs")} | {"stage": inputs.warm.path.name}
     result, _ = training.fit(
         ctx,
         inputs.training,
         path,
-        reward_module(inputs, backbone, path / "model"),
+        reward_module(cfg, inputs.training, backbone, path / "model"),
         train,
         val,
         tokenizer=backbone,
@@ -99,68 +168,37 @@ def train_reward_model(inputs: RewardInputs, path: Path, ctx: Context) -> StageO
     # what scoring reads back: the lengths it trained at (its own tokenizer's, with a backbone) and its pooling
     stats = {"n_train": n_train, "n_val": n_val, "lengths": [max_prompt_length, max_length], **result}
     stats.update({"backbone": cfg.backbone, "pooling": cfg.pooling, "warm_start": warm, "kept": "preference_fit"})
-    if warm is not None and val is not None:
-        warm["quality"] = reward_model_quality(ctx, inputs, Path(backbone), tok, val, train_rows)["quality"]
-        if warm["metrics"]["val/loss"] < result["metrics"]["val/loss"]:
-            # early stopping with the warm start as step 0: the preference pairs did not improve on it
+    if val is None:
+        return StageOutput({"model": "model"}, stats)
+    measured = reward_model_quality(ctx, inputs, path / "model", tok, val, train_rows)
+    if warm is not None:
+        # early stopping with the warm start as step 0, both measured alike on this tier's validation pairs
+        warm_measured = reward_model_quality(ctx, inputs, Path(backbone), tok, val, train_rows)
+        q = warm_measured["quality"]
+        warm.update({"quality": q, "metrics": {"val/loss": q["rm_bt_loss"], "val/accuracy": q["rm_accuracy"]}})
+        if q["rm_bt_loss"] < measured["quality"]["rm_bt_loss"]:
             say(f"reward model ({tier}): the warm start validates better than any preference-fit step; kept it")
             shutil.rmtree(path / "model")
             shutil.copytree(backbone, path / "model")
             stats.update({"kept": "warm_start", "metrics": warm["metrics"], "best_step": 0})
-    if val is not None:
-        stats.update(
-            reward_model_quality(ctx, inputs, path / "model", tok, val, train_rows, global_step=result["global_step"])
-        )
+            measured = warm_measured
+    stats.update(measured)
+    logged = {"rm_quality": measured["quality"], "rm_quality_tfidf": measured["tfidf_reference"]}
+    _log_quality(path, logged, result["global_step"])
     return StageOutput({"model": "model"}, stats)
 
 
-def reward_module(inputs: RewardInputs, backbone: str, export_dir: Path) -> Any:
+def reward_module(cfg: RewardConfig, settings: TrainingSettings, backbone: str, export_dir: Path) -> Any:
     """A `RewardLightningModule` on `backbone` with the reward section's optimiser, LoRA and pooling."""
     from madpo.modules.reward import RewardLightningModule
 
-    cfg = inputs.cfg
     return RewardLightningModule(
         backbone,
-        optimizer=training.optimizer_options(inputs.training, cfg.lr, cfg.warmup_ratio),
+        optimizer=training.optimizer_options(settings, cfg.lr, cfg.warmup_ratio),
         lora=cfg.lora,
         export_dir=str(export_dir),
         pooling=cfg.pooling,
     )
-
-
-def warm_start(
-    ctx: Context, inputs: RewardInputs, path: Path, backbone: str, val: Any, *, lengths: tuple[int, int]
-) -> tuple[str, dict]:
-    """`reward.warm_start`: a reward model trained with the BT loss on labelled sentiment pairs (validated on the
-    tier's validation pairs, so its `val/*` metrics are its zero-shot quality there), exported for the preference
-    pairs to continue from. Returns (its directory, its training stats)."""
-    from madpo.pipeline.reviews import sentiment_pairs
-
-    cfg = inputs.cfg
-    rows = sentiment_pairs(cfg.warm_start, cfg.seed)[: cfg.warm_start_pairs]
-    out = path / "warm_start"
-    result, _ = training.fit(
-        ctx,
-        inputs.training,
-        out,
-        reward_module(inputs, backbone, out / "model"),
-        training.dataset(rows, PAIR_COLUMNS),
-        val,
-        tokenizer=backbone,
-        max_length=lengths[1],
-        max_prompt_length=lengths[0],
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        epochs=cfg.warm_start_epochs,
-        max_steps=None,
-        group_by_length=cfg.group_by_length,
-    )
-    acc = result["metrics"].get("val/accuracy")
-    say(
-        f"reward model ({inputs.tier}) after its {cfg.warm_start} warm start ({len(rows)} pairs): "
-        f"validation accuracy {acc if acc is None else round(acc, 3)}"
-    )
-    return str(out / "model"), {"source": cfg.warm_start, "n_pairs": len(rows), **result}
 
 
 def reward_model_quality(
@@ -170,16 +208,13 @@ def reward_model_quality(
     tok: Any,
     val: Any,
     train_rows: list[dict],
-    *,
-    global_step: int | None = None,
 ) -> dict[str, dict]:
     """`{"quality": ..., "tfidf_reference": ...}`: `rm_quality` of the exported reward model's margins on the
     validation pairs it was validated on (scored as the policy reads them: under the stage's Trainer settings,
     through the scoring cache) against their oracle gaps, beside a TF-IDF Bradley–Terry model trained on the same
     training pairs. Validation accuracy against noisy labels cannot tell a weak reward model from hard pairs; these
-    measures, next to the Bayes floor of the known label model, can. Said on one line and logged to the stage's
-    TensorBoard run under `rm_quality/` and `rm_quality_tfidf/` (with a `global_step`; the stage dir is the model
-    dir's parent)."""
+    measures, next to the Bayes floor of the known label model, can. Said on one line; the stage logs the exported
+    model's to TensorBoard (`_log_quality`)."""
     from madpo.pipeline.rm_quality import quality_line, rm_quality, tfidf_bt_reference
 
     val_rows = load_pairs(inputs.pairs, inputs.tier, "eval")
@@ -196,13 +231,11 @@ def reward_model_quality(
         f"reward model ({inputs.tier}, {model.parent.name}/{model.name}) quality on its validation pairs: "
         f"{quality_line(quality, reference)}"
     )
-    if global_step is not None:
-        _log_quality(model.parent, {"rm_quality": quality, "rm_quality_tfidf": reference}, global_step)
     return {"quality": quality, "tfidf_reference": reference}
 
 
 def _log_quality(path: Path, groups: dict[str, dict], step: int) -> None:
-    """Scalars `<group>/<name>` into the stage's TensorBoard run (the directory `training.fit`'s logger writes)."""
+    """Scalars `<group>/<name>` into the TensorBoard run of the stage dir `path` (where `training.fit` logs)."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(path / "tensorboard" / "version_0"))
@@ -218,7 +251,11 @@ def _log_quality(path: Path, groups: dict[str, dict], step: int) -> None:
 def stage_reward(ctx: Context, inputs: RewardInputs) -> StageResult:
     """A Bradley–Terry reward model on the tier's training pairs, initialised from the base LM (the reward model
     starts from the base model, docs/method.md §IMDB protocol) or from `reward.backbone` with its own tokenizer,
-    validated on the first `n_val` eval pairs, its quality measured against the oracle (`reward_model_quality`)."""
+    validated on the first `n_val` eval pairs, its quality measured against the oracle (`reward_model_quality`).
+    With `reward.warm_start`, the `reward_warm_start` stage first (trained once, found cached by the other tiers)."""
+    if inputs.cfg.warm_start and inputs.warm is None:
+        warm = WarmStartInputs.of(inputs)
+        inputs = dataclasses.replace(inputs, warm=run_stage(ctx, warm, train_warm_start, label=warm.label))
     return run_stage(ctx, inputs, train_reward_model, label=inputs.label)
 
 
