@@ -3,7 +3,9 @@
 A policy cell takes minutes; a sweep of them takes hours, longer than one session, and the next session may be on
 another machine with an empty stage cache. Each finished cell is written to `<root>/<name>-<key>.json`, where the key
 hashes what defines the cell (the pipeline config, the cell's policy config, the code's pipeline version) and nothing
-machine-specific, so a fresh clone that finds the file skips the cell. Commit the directory as cells finish.
+machine-specific, so a fresh clone that finds the file skips the cell. Commit the directory as cells finish. What
+the key cannot hold, the bitwise content of the stages a cell read (they are rebuilt per machine), each cell
+records in its result (bench/sweep/builds.py).
 
     store = CellStore(REPO / "bench" / "results" / "cells" / "imdb-offline")
     spec = cell_spec(cfg, policy)
@@ -76,6 +78,10 @@ def compatible(stored: Any, current: Any, default: Any = _ABSENT) -> bool:
     return stored == current
 
 
+def _without(mapping: dict, field: str) -> dict:
+    return {k: v for k, v in mapping.items() if k != field}
+
+
 def spec_key(spec: dict) -> str:
     """blake2b (16 hex digits) of the spec's canonical JSON."""
     return hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=8).hexdigest()
@@ -123,6 +129,18 @@ class CellStore:
         }
         atomic_write_json(self.path(spec, name), record)
         return record
+
+    def variants(self, spec: dict, field: str) -> list[dict]:
+        """The stored results of `spec` and of the specs that differ from it only by `extra[field]` (the same
+        record of another input build), `spec`'s own first."""
+        first = self.get(spec)
+        out = [first["result"]] if first is not None else []
+        for path in sorted(self.root.glob("*.json")) if self.root.is_dir() else []:
+            record = json.loads(path.read_text())
+            other = record.get("spec") or {}
+            if field in other.get("extra", {}) and {**other, "extra": _without(other["extra"], field)} == spec:
+                out.append(record["result"])
+        return out
 
     def pending(self, specs: Iterable[dict]) -> list[dict]:
         """The specs with no stored cell, in order."""

@@ -6,6 +6,7 @@ the tier's measured label-flip rate; the competitor rows and the "who uses the m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -45,6 +46,8 @@ class FakePipeline:
     (class-wide, so that the test sees the calls of the instance the sweep builds)."""
 
     calls: list[str] = []
+    weights = b"sft weights"
+    """The fake SFT model's bytes: another value stands for the same stages rebuilt on another machine."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg
@@ -54,6 +57,12 @@ class FakePipeline:
     def _result(self, name: str, label: str, stats: dict, outputs: dict | None = None) -> StageResult:
         manifest = {"stats": stats, "outputs": outputs or {}, "seconds": 1.0}
         return StageResult(name, label, self.root / f"{label}-fake", "fake", manifest, cached=False)
+
+    def sft(self) -> StageResult:
+        model = self.root / "sft-fake" / "model"
+        model.mkdir(parents=True, exist_ok=True)
+        (model / "model.safetensors").write_bytes(FakePipeline.weights)
+        return self._result("sft", "sft", {}, {"model": "model"})
 
     def pairs(self) -> StageResult:
         FakePipeline.calls.append("pairs")
@@ -95,6 +104,7 @@ class FakePipeline:
 @pytest.fixture(autouse=True)
 def fresh_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     FakePipeline.calls = []
+    monkeypatch.setattr(FakePipeline, "weights", b"sft weights")
 
 
 def args(tmp_path: Path, *extra: str) -> list[str]:
@@ -166,7 +176,8 @@ def test_stored_cells_are_skipped(reproduce: ModuleType, tmp_path: Path) -> None
     reproduce.main(args(tmp_path, "--methods", "dpo,cdpo"), pipeline=FakePipeline)  # seeds 0,1 (args' own)
     runs = trained(FakePipeline.calls)
     assert len(runs) == 2 * 2 and all("-s1:" in r for r in runs)  # only the seed-1 cells were not stored
-    assert "pairs" not in FakePipeline.calls  # the records were stored by the first run
+    assert "evaluate_sft" not in FakePipeline.calls  # the records were stored by the first run, on this build
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 2 * 2 * 2 + 1 + 2
     FakePipeline.calls = []
     reproduce.main(args(tmp_path, "--methods", "dpo,cdpo"), pipeline=spy_pipeline)  # everything stored now
 
@@ -332,3 +343,77 @@ def test_the_budget_expects_the_last_cell_own_time_before_the_stored_median(repr
     budget.timed(lambda: time.sleep(0.01))
     assert 0.005 < budget.estimate < 30 and budget.allows()
     assert "2 cells left unstarted" in budget.stop_message(2)
+
+
+@pytest.mark.parametrize("hashing", ["content", "blind"])
+def test_each_cell_records_its_input_build_and_a_rebuild_gets_its_own_records(
+    reproduce: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hashing: str
+) -> None:
+    """Seed 0 on one build of the shared stages, seed 1 on a rebuild whose SFT model differs (another machine): each
+    cell holds its build, the rebuild's records are stored beside the first build's (which stay), the report names
+    both builds, and MADPO − DPO pairs seeds only within one build. With a build hash blind to the content, the
+    same run passes the rebuild unnoticed: the checks below depend on the hash."""
+    import sweep.cells
+
+    if hashing == "blind":
+        monkeypatch.setattr(sweep.cells, "shared_build", lambda pipe: "0" * 12)
+    reproduce.main(args(tmp_path, "--methods", "dpo,madpo", "--seeds", "0"), pipeline=FakePipeline)
+    n_first = len(list((tmp_path / "cells").glob("*.json")))
+    FakePipeline.weights = b"sft weights, rebuilt on another CPU"
+    FakePipeline.calls = []
+    written = reproduce.main(args(tmp_path, "--methods", "dpo,madpo"), pipeline=FakePipeline)
+    if hashing == "blind":
+        assert "evaluate_sft" not in FakePipeline.calls and "## Input builds" not in Path(written["table"]).read_text()
+        return
+    assert len(trained(FakePipeline.calls)) == 2 * 2 and "evaluate_sft" in FakePipeline.calls
+    # the rebuild's own SFT row, pairs and reward records for both tiers; the first build's are kept
+    assert len(list((tmp_path / "cells").glob("*.json"))) == n_first + 2 * 2 + 1 + 2 + 2
+    payload = json.loads((tmp_path / "results" / "imdb-offline.json").read_text())
+    builds = {c["seed"]: c["inputs"]["build"] for c in payload["cells"]}
+    assert len(set(builds.values())) == 2
+    assert set(payload["input_builds"]) == set(builds.values())
+    assert all(len(b["pairs"]) == 2 and b["sft"] is not None for b in payload["input_builds"].values())
+    madpo = [c for c in payload["cells"] if c["method"] == "madpo"]
+    assert all(c["inputs"]["margins"] for c in madpo)
+    assert all(c["inputs"]["margins"] is None for c in payload["cells"] if c["method"] == "dpo")
+    md = Path(written["table"]).read_text()
+    assert "## Input builds (2)" in md and f"`{builds[0]}`" in md and f"`{builds[1]}`" in md
+
+    cells = [sweep.cells.Cell(**c) for c in payload["cells"]]
+    by = {m: [c for c in cells if c.method == m and c.tier == "high"] for m in ("dpo", "madpo")}
+    assert sweep.cells.paired_difference(by["madpo"], by["dpo"])["n"] == 2
+    moved = [dataclasses.replace(c, inputs={"build": "other"}) if c.seed == 1 else c for c in by["dpo"]]
+    assert sweep.cells.paired_difference(by["madpo"], moved)["n"] == 1  # seed 1's DPO is on another build now
+
+
+def test_cells_and_records_stored_before_builds_count_as_one_unrecorded_build(
+    reproduce: ModuleType, tmp_path: Path
+) -> None:
+    reproduce.main(args(tmp_path, "--methods", "dpo,madpo", "--seeds", "0"), pipeline=FakePipeline)
+    for path in (tmp_path / "cells").glob("*.json"):  # as the code wrote them before it recorded builds
+        record = json.loads(path.read_text())
+        record["result"].pop("inputs", None)
+        record["result"].get("cell", {}).pop("inputs", None)
+        path.write_text(json.dumps(record))
+    written = reproduce.main(args(tmp_path, "--methods", "dpo,madpo", "--seeds", "0"), pipeline=spy_pipeline)
+    md = Path(written["table"]).read_text()
+    assert "## Input builds" not in md and "| `unrecorded` |" in md  # one build: no section, the column says so
+    FakePipeline.calls = []
+    written = reproduce.main(args(tmp_path, "--methods", "dpo,madpo"), pipeline=FakePipeline)
+    md = Path(written["table"]).read_text()
+    assert "## Input builds (2)" in md and "| `unrecorded` | dpo high s0" in md
+
+
+def test_the_build_hash_reads_every_byte_and_no_path(tmp_path: Path) -> None:
+    from sweep.builds import array_digest, files_digest
+
+    for name in ("a", "b"):
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "model" / "weights.bin").write_bytes(b"\x00" * 1000 + b"\x01")
+        (tmp_path / name / "train.jsonl").write_text('{"chosen": "x"}\n')
+    digest = files_digest([tmp_path / "a" / "model", tmp_path / "a" / "train.jsonl"])
+    assert digest == files_digest([tmp_path / "b" / "model", tmp_path / "b" / "train.jsonl"])  # another directory
+    (tmp_path / "b" / "model" / "weights.bin").write_bytes(b"\x00" * 1000 + b"\x02")  # one byte
+    assert digest != files_digest([tmp_path / "b" / "model", tmp_path / "b" / "train.jsonl"])
+    m = np.linspace(-1.0, 1.0, 7)
+    assert array_digest(m) == array_digest(m.copy()) != array_digest(np.nextafter(m, 2.0))  # one ulp each

@@ -22,6 +22,8 @@ from cellstore import CellStore, cell_spec
 from madpo.pipeline.config import PipelineConfig, PolicyConfig
 from madpo.pipeline.stages import Pipeline, load_pairs, say
 
+from .builds import InputBuild, array_digest, build_of, shared_build
+
 
 @dataclasses.dataclass
 class Cell:
@@ -42,9 +44,11 @@ class Cell:
     eval_stage: str
     margins: dict | None = None
     extra: dict = dataclasses.field(default_factory=dict)
+    inputs: dict | None = None
+    """The `InputBuild` it was trained on (bench/sweep/builds.py); None for a cell stored before builds were."""
 
 
-def run_cell(pipe: Pipeline, policy: PolicyConfig, **extra: Any) -> Cell:
+def run_cell(pipe: Pipeline, policy: PolicyConfig, inputs: InputBuild | None = None, **extra: Any) -> Cell:
     """Train (or find cached) and evaluate one policy. With extra `as_method`, the cell is reported under that name
     (an amp-only cell that is MADPO's run, a cDPO run with the oracle's ε)."""
     policy_stage = pipe.policy(policy)
@@ -66,6 +70,7 @@ def run_cell(pipe: Pipeline, policy: PolicyConfig, **extra: Any) -> Cell:
         eval_stage=evaluation.path.name,
         margins=policy_stage.stats.get("margins"),
         extra=extra,
+        inputs=inputs.to_dict() if inputs is not None else None,
     )
 
 
@@ -83,12 +88,13 @@ def aggregate(cells: list[Cell]) -> dict:
 
 
 def paired_difference(a: list[Cell], b: list[Cell], field: str = "mean") -> dict | None:
-    """a − b over the seeds both have, paired by seed: mean, SE and a 95 % CI (Student t over n ≥ 2 seeds, else the
-    one run's 1.96·√(SE_a² + SE_b²), unpaired over prompts and so conservative). None when no seed is shared.
-    Pairing by seed removes what the seeds share (data order), which an unpaired SE would count as noise."""
+    """a − b over the seeds both have, paired by seed within one input build: mean, SE and a 95 % CI (Student t over
+    n ≥ 2 seeds, else the one run's 1.96·√(SE_a² + SE_b²), unpaired over prompts and so conservative). None when no
+    seed is shared. Pairing by seed removes what the seeds share (data order, and the pairs and margins of their
+    build), which an unpaired SE would count as noise."""
     from scipy import stats
 
-    by_a, by_b = {c.seed: c for c in a}, {c.seed: c for c in b}
+    by_a, by_b = {(c.seed, build_of(c)): c for c in a}, {(c.seed, build_of(c)): c for c in b}
     seeds = sorted(set(by_a) & set(by_b))
     if not seeds:
         return None
@@ -144,22 +150,27 @@ _NO_RM = PolicyConfig(method="dpo")
 section (lr, β) keeps the SFT and pairs records, and DPO, so that the reward section is left out of their keys."""
 
 
-def sft_spec(cfg: PipelineConfig) -> dict:
-    """The SFT model's evaluation (the table's reference row)."""
-    return cell_spec(cfg, _NO_RM, record="sft_eval")
+def sft_spec(cfg: PipelineConfig, build: str | None = None) -> dict:
+    """The SFT model's evaluation (the table's reference row); with `build`, that input build's own record."""
+    return cell_spec(cfg, _NO_RM, record="sft_eval", **_build(build))
 
 
-def pairs_spec(cfg: PipelineConfig, tier: str) -> dict:
+def pairs_spec(cfg: PipelineConfig, tier: str, build: str | None = None) -> dict:
     """A tier's pairs: label noise against the oracle and the pair counts."""
-    return cell_spec(cfg, dataclasses.replace(_NO_RM, tier=tier), record="pairs_context")
+    return cell_spec(cfg, dataclasses.replace(_NO_RM, tier=tier), record="pairs_context", **_build(build))
 
 
-def reward_spec(cfg: PipelineConfig, tier: str) -> dict:
+def reward_spec(cfg: PipelineConfig, tier: str, build: str | None = None) -> dict:
     """A tier's reward model as MADPO reads it: validation accuracy, max |margin|, the down-weighting diagnostics
     (these use MADPO's weight with the config's options, so the spec holds the config's MADPO loss)."""
     policy = dataclasses.replace(cfg.policy, method="madpo", tier=tier, seed=0, margin_source="reward_model")
     policy = dataclasses.replace(policy, margin_source_noise_std=0.0, margin_noise_std=0.0, margin_flip_fraction=0.0)
-    return cell_spec(cfg, policy, record="reward_context")
+    return cell_spec(cfg, policy, record="reward_context", **_build(build))
+
+
+def _build(build: str | None) -> dict:
+    """The spec's extra for a record of another input build than the first one stored (none for the first)."""
+    return {"build": build} if build is not None else {}
 
 
 class Records:
@@ -195,46 +206,106 @@ class Records:
         say(f"bench: computing record {name}")
         return self.store.put(spec, make(), name=name)["result"]
 
+    # the records of the current input build, computed from the pipeline; each one holds its `inputs`
+
+    def _sft_record(self) -> dict:
+        sft = self.pipe.evaluate_sft()
+        inputs = InputBuild(self.shared_build()).to_dict()
+        return {"reward": sft.stats["reward"], "kl": sft.stats.get("kl"), "seconds": sft.seconds, "inputs": inputs}
+
+    def _pairs_record(self, tier: str) -> dict:
+        t = self.pipe.pairs().stats["tiers"][tier]
+        train, evaluation = t["train"], t["eval"]
+        return {
+            "tier": tier,
+            "frac_disagree": train["frac_disagree"],
+            "frac_disagree_eval": evaluation.get("frac_disagree"),
+            "n_train": train["n"],
+            "n_eval": evaluation["n"],
+            "mean_abs_oracle_gap": train.get("mean_abs_oracle_gap"),
+            "composition": train.get("composition"),
+            "inputs": InputBuild(self.shared_build()).to_dict(),
+        }
+
+    def _reward_record(self, tier: str) -> dict:
+        margins = self.pipe.train_margins(tier)
+        return {
+            "tier": tier,
+            "rm_val_accuracy": self.pipe.reward(tier).stats["metrics"].get("val/accuracy"),
+            "max_abs_margin": float(np.abs(margins).max()),
+            "downweighted": downweight_diagnostics(self.pipe, tier, self.cfg.policy, margins),
+            "inputs": self.inputs(tier, needs_reward_model=True).to_dict(),
+        }
+
     def sft(self, compute: bool = True) -> dict | None:
-        """{'reward': the SFT model's reward stats on the evaluation prompts, 'seconds'}."""
-
-        def make() -> dict:
-            sft = self.pipe.evaluate_sft()
-            return {"reward": sft.stats["reward"], "kl": sft.stats.get("kl"), "seconds": sft.seconds}
-
-        return self._get_or_make(sft_spec(self.cfg), "sft_eval", make, compute)
+        """{'reward': the SFT model's reward stats on the evaluation prompts, 'seconds', 'inputs'}."""
+        return self._get_or_make(sft_spec(self.cfg), "sft_eval", self._sft_record, compute)
 
     def pairs_context(self, tier: str, compute: bool = True) -> dict | None:
-        """{'frac_disagree', 'n_train', 'n_eval', 'mean_abs_oracle_gap', 'composition'} of the tier's pairs."""
-
-        def make() -> dict:
-            t = self.pipe.pairs().stats["tiers"][tier]
-            train, evaluation = t["train"], t["eval"]
-            return {
-                "tier": tier,
-                "frac_disagree": train["frac_disagree"],
-                "frac_disagree_eval": evaluation.get("frac_disagree"),
-                "n_train": train["n"],
-                "n_eval": evaluation["n"],
-                "mean_abs_oracle_gap": train.get("mean_abs_oracle_gap"),
-                "composition": train.get("composition"),
-            }
-
-        return self._get_or_make(pairs_spec(self.cfg, tier), f"pairs_context-{tier}", make, compute)
+        """{'frac_disagree', 'n_train', 'n_eval', 'mean_abs_oracle_gap', 'composition', 'inputs'} of the tier's
+        pairs."""
+        return self._get_or_make(
+            pairs_spec(self.cfg, tier), f"pairs_context-{tier}", lambda: self._pairs_record(tier), compute
+        )
 
     def reward_context(self, tier: str, compute: bool = True) -> dict | None:
-        """{'rm_val_accuracy', 'max_abs_margin', 'downweighted'} of the tier's reward model (trains it if needed)."""
+        """{'rm_val_accuracy', 'max_abs_margin', 'downweighted', 'inputs'} of the tier's reward model (trains it if
+        needed)."""
+        return self._get_or_make(
+            reward_spec(self.cfg, tier), f"reward_context-{tier}", lambda: self._reward_record(tier), compute
+        )
 
-        def make() -> dict:
-            margins = self.pipe.train_margins(tier)
-            return {
-                "tier": tier,
-                "rm_val_accuracy": self.pipe.reward(tier).stats["metrics"].get("val/accuracy"),
-                "max_abs_margin": float(np.abs(margins).max()),
-                "downweighted": downweight_diagnostics(self.pipe, tier, self.cfg.policy, margins),
-            }
+    # input builds
 
-        return self._get_or_make(reward_spec(self.cfg, tier), f"reward_context-{tier}", make, compute)
+    def shared_build(self) -> str:
+        """The build hash of this machine's SFT model and pairs (bench/sweep/builds.py), computed once."""
+        if not hasattr(self, "_shared_build"):
+            self._shared_build = shared_build(self.pipe)
+        return self._shared_build
+
+    def inputs(self, tier: str, needs_reward_model: bool) -> InputBuild:
+        """What a cell of `tier` reads here: the shared build and, for a method that reads margins, theirs."""
+        margins = array_digest(self.pipe.train_margins(tier)) if needs_reward_model else None
+        return InputBuild(self.shared_build(), margins)
+
+    def record_build(self, pairs_tiers: list[str], reward_tiers: list[str], sft: bool) -> None:
+        """Before cells run here: where the first stored record of a tier (or the SFT row) was computed on another
+        input build than this machine's, compute and store this build's own, and print both, so that the report
+        quotes the numbers of the inputs each cell was trained on."""
+        build = self.shared_build()
+        wanted: list[tuple[str, Callable[..., dict], tuple, Callable[[], dict]]] = []
+        if sft:
+            wanted.append(("sft_eval", sft_spec, (), self._sft_record))
+        for t in pairs_tiers:
+            wanted.append((f"pairs_context-{t}", pairs_spec, (t,), lambda t=t: self._pairs_record(t)))
+        for t in reward_tiers:
+            wanted.append((f"reward_context-{t}", reward_spec, (t,), lambda t=t: self._reward_record(t)))
+        for name, spec_of, args, make in wanted:
+            first = self.store.get(spec_of(self.cfg, *args))
+            if first is None or build_of(first["result"]) == build:
+                continue
+            ours = self._get_or_make(spec_of(self.cfg, *args, build=build), name, make, True)
+            assert ours is not None
+            say(
+                f"bench: input build {build} differs from the stored {name}'s ({build_of(first['result'])}): "
+                f"{_compare(first['result'], ours)}"
+            )
+
+    def context_builds(self, pairs_tiers: list[str], reward_tiers: list[str], sft: bool) -> dict[str, dict]:
+        """Every stored build's records, from the store alone: {build: {'pairs': {tier: record}, 'reward': {tier:
+        record}, 'sft': record}}, the first stored build first."""
+        out: dict[str, dict] = {}
+        kinds = [("sft", sft_spec, None)] if sft else []
+        kinds += [("pairs", pairs_spec, t) for t in pairs_tiers] + [("reward", reward_spec, t) for t in reward_tiers]
+        for kind, spec_of, tier in kinds:
+            first = spec_of(self.cfg) if tier is None else spec_of(self.cfg, tier)
+            for result in self.store.variants(first, "build"):
+                entry = out.setdefault(build_of(result), {"pairs": {}, "reward": {}, "sft": None})
+                if tier is None:
+                    entry[kind] = result
+                else:
+                    entry[kind][tier] = result
+        return out
 
     def cell(self, spec: dict) -> Cell | None:
         """The stored cell of `spec`, or None."""
@@ -242,7 +313,17 @@ class Records:
         return Cell(**record["result"]["cell"]) if record is not None else None
 
     def run(self, policy: PolicyConfig, spec: dict, name: str) -> Cell:
-        """Train (or find in the stage cache) and evaluate one cell, and store it."""
-        cell = run_cell(self.pipe, policy)
+        """Train (or find in the stage cache) and evaluate one cell, and store it with the build it read."""
+        inputs = self.inputs(policy.tier, policy.needs_reward_model)
+        cell = run_cell(self.pipe, policy, inputs)
         self.store.put(spec, {"cell": dataclasses.asdict(cell)}, name=name)
         return cell
+
+
+def _compare(first: dict, ours: dict) -> str:
+    """The numbers two builds' records differ in, as 'field stored -> here'."""
+    fields = ("frac_disagree", "n_train", "n_eval", "mean_abs_oracle_gap", "rm_val_accuracy", "max_abs_margin")
+    changes = [f"{f} {first[f]:.6g} -> {ours[f]:.6g}" for f in fields if f in first and first[f] != ours.get(f)]
+    if "reward" in first and first["reward"]["mean"] != ours["reward"]["mean"]:
+        changes.append(f"SFT reward {first['reward']['mean']:.6g} -> {ours['reward']['mean']:.6g}")
+    return "; ".join(changes) or "the same numbers"

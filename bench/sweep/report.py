@@ -14,6 +14,7 @@ from pathlib import Path
 
 from madpo.pipeline.config import TIER_NAMES, PipelineConfig
 
+from .builds import build_of, builds_section
 from .cells import Cell, aggregate, madpo_loss
 from .margin_best import margin_best_section
 from .plan import BASELINES, NOISE_MATCHED, Planned
@@ -108,8 +109,10 @@ def main_table(
     pending: list[Planned] | None = None,
     cells_dir: Path | None = None,
     continue_argv: list[str] | None = None,
+    builds: dict[str, dict] | None = None,
 ) -> str:
-    """imdb-offline.md: the table, MADPO against the baselines and the competitors, the margins it reads."""
+    """imdb-offline.md: the table, MADPO against the baselines and the competitors, the margins it reads, and the
+    input builds the cells were trained on (`builds`: every stored build's records, bench/sweep/builds.py)."""
     pairs_ctx, reward_ctx, pending = pairs_ctx or {}, reward_ctx or {}, pending or []
     table_pending = [p for p in pending if p.report == "table"]
     methods = list(dict.fromkeys([c.method for c in cells] + [p.method for p in table_pending]))
@@ -161,17 +164,18 @@ def main_table(
     lines += margin_best_section(cells, tiers)
     lines += _margin_sections(cells, tiers, reward_ctx)
     lines += _decomposition(cfg, cells, methods, tiers, agg)
+    lines += builds_section(cells, builds or {})
     lines += ["", "## Configuration", "", "```json", json.dumps(cfg.to_dict(), indent=1), "```", ""]
     lines += [
         "## Cells",
         "",
-        "| method | tier | seed | reward ± SE | KL ± SE | policy s | eval s | stage |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | tier | seed | reward ± SE | KL ± SE | policy s | eval s | input build | stage |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         lines.append(
             f"| {c.method} | {c.tier} | {c.seed} | {c.mean:.3f} ± {c.se:.3f} | {c.kl:.2f} ± {c.kl_se:.2f} | "
-            f"{c.policy_seconds:.0f} | {c.eval_seconds:.0f} | `{c.policy_stage}`"
+            f"{c.policy_seconds:.0f} | {c.eval_seconds:.0f} | `{build_of(c)}` | `{c.policy_stage}`"
             + (f" (≡ {c.extra['identical_to']})" if "identical_to" in c.extra else "")
             + " |"
         )

@@ -197,6 +197,9 @@ def sweep(
     say(f"bench: {len(runs)} cells, {len(runs) - len(pending)} stored, {len(todo)} to run now")
     budget = Budget(deadline, stored_seconds(records, runs))
     sft = records.sft() if not opts.no_table else None
+    if todo:
+        # this machine's input build: its own records where the stored ones were computed on another build
+        records.record_build(list(pairs), list(reward), sft=not opts.no_table)
     if todo and opts.jobs > 1:
         # the reward models first, here, so that no two workers train the same one
         for tier in sorted({p.policy.tier for p in todo if p.policy.needs_reward_model}):
@@ -237,7 +240,8 @@ def write_reports(
         assert sft is not None
         cells = by_report.get("table", [])
         tiers = list(pairs)
-        md = main_table(cfg, argv, wall, cells, sft, pairs, reward, pending, Path(opts.cells_dir), again)
+        builds = records.context_builds(list(pairs), list(reward), sft=True)
+        md = main_table(cfg, argv, wall, cells, sft, pairs, reward, pending, Path(opts.cells_dir), again, builds)
         (out_dir / "imdb-offline.md").write_text(md)
         write_json_atomic(
             out_dir / "imdb-offline.json",
@@ -251,6 +255,7 @@ def write_reports(
                 "train_pairs_per_tier": {t: c["n_train"] for t, c in pairs.items() if c},
                 "eval_pairs_per_tier": {t: c["n_eval"] for t, c in pairs.items() if c},
                 "margin_best": margin_best_rows(cells, tiers),
+                "input_builds": builds,
                 "pending": [{"label": p.label, "key": p.key} for p in pending if p.report == "table"],
                 "continue": f"python bench/reproduce.py {' '.join(again)}",
             },

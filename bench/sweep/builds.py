@@ -1,0 +1,128 @@
+"""Which build of the shared inputs a cell was trained on, and the report section that says so.
+
+The stages every policy cell reads (the SFT model, which is also the reference, the sampled pairs and each tier's
+reward-model margins) are keyed by config, not by machine. A new machine that resumes a sweep rebuilds them from the
+same config, and on another CPU they come out different bitwise: float reductions in another order change the base
+LM's and SFT's weights in the last digits, a sampled token flips where a draw falls near a boundary, and the rest of
+that completion follows. So a committed cell and a cell trained on another machine may have read different pairs.
+Each cell and record therefore stores content hashes of what it read (`InputBuild`); the report groups them by
+build, quotes each build's own label noise and reward-model numbers, and pairs two methods' cells only within one
+build. A record or cell stored before builds were recorded has none: its build is "unrecorded".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+UNRECORDED = "unrecorded"
+"""The build of a cell or record stored before builds were recorded."""
+
+
+def files_digest(paths: Iterable[Path]) -> str:
+    """blake2b (12 hex digits) over the files' names (relative to their common root) and bytes, in sorted order;
+    a directory stands for every file under it."""
+    files: list[tuple[str, Path]] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            files += [(str(f.relative_to(path.parent)), f) for f in sorted(path.rglob("*")) if f.is_file()]
+        else:
+            files.append((path.name, path))
+    h = hashlib.blake2b(digest_size=6)
+    for name, f in sorted(files):
+        h.update(name.encode() + b"\0")
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def array_digest(values: np.ndarray) -> str:
+    """blake2b (12 hex digits) of the array's float64 bytes: equal only when every value is equal bitwise."""
+    return hashlib.blake2b(np.ascontiguousarray(values, dtype=np.float64).tobytes(), digest_size=6).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class InputBuild:
+    """Content hashes of what a cell reads from the shared stages."""
+
+    build: str
+    """The SFT model (its weights, tokenizer and config) and every file of the pairs stage but its report."""
+    margins: str | None = None
+    """The tier's reward-model margins on its training pairs (float32 scoring); None for a cell that reads none."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def shared_build(pipe: Any) -> str:
+    """The build hash of a pipeline's SFT model and pairs (reading them builds them if they are not cached)."""
+    sft, pairs = pipe.sft(), pipe.pairs()
+    pair_files = [pairs.path / rel for name, rel in sorted(pairs.manifest["outputs"].items()) if name != "report"]
+    return files_digest([Path(sft.output("model")), *pair_files])
+
+
+def build_of(item: dict | Any | None) -> str:
+    """The build label of a stored record's result, or of a Cell: its build hash, else `UNRECORDED`."""
+    inputs = item.get("inputs") if isinstance(item, dict) else getattr(item, "inputs", None)
+    return (inputs or {}).get("build") or UNRECORDED
+
+
+def builds_section(cells: list, contexts: dict[str, dict]) -> list[str]:
+    """The report's "input builds" section, shown when the cells or records span more than one build: per build,
+    its cells and its own records (label noise, reward-model accuracy and share of down-weighted pairs, the SFT
+    reward), so that a reader sees what each cell was trained on. `contexts`: {build: {'pairs': {tier: record},
+    'reward': {tier: record}, 'sft': record | None}}."""
+    used: dict[str, list] = {}
+    for c in cells:
+        used.setdefault(build_of(c), []).append(c)
+    builds = list(dict.fromkeys([*contexts, *used]))
+    if len(builds) <= 1:
+        return []
+    lines = [
+        "",
+        f"## Input builds ({len(builds)})",
+        "",
+        "The SFT model, the sampled pairs and the reward models are rebuilt from the config on each machine that "
+        "resumes the sweep, and on another CPU they differ bitwise (bench/sweep/builds.py). These cells were trained "
+        "on more than one build: a mean over seeds then also spans rebuilds, and a difference between two methods "
+        "is paired by seed only within one build. Each build's own records:",
+        "",
+        "| build | cells (method tier seed) | labels disagree with the oracle | RM val accuracy | m < 0 | SFT reward | "
+        "MADPO − DPO (seeds) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for b in builds:
+        ctx = contexts.get(b, {})
+        pairs, reward, sft = ctx.get("pairs", {}), ctx.get("reward", {}), ctx.get("sft")
+        names = ", ".join(f"{c.method} {c.tier} s{c.seed}" for c in used.get(b, [])) or "–"
+        noise = ", ".join(f"{t} {r['frac_disagree']:.1%}" for t, r in pairs.items() if r) or "–"
+        acc = ", ".join(f"{t} {r['rm_val_accuracy']:.3f}" for t, r in reward.items() if r) or "–"
+        down = ", ".join(f"{t} {r['downweighted']['frac']:.1%}" for t, r in reward.items() if r) or "–"
+        sft_text = f"{sft['reward']['mean']:.3f} ± {sft['reward']['se']:.3f}" if sft else "–"
+        lines.append(f"| `{b}` | {names} | {noise} | {acc} | {down} | {sft_text} | {_gain(used.get(b, []))} |")
+    lines += ["", "The table's other rows quote the first build's records."]
+    if UNRECORDED in builds:
+        lines[-1] += (
+            f" `{UNRECORDED}`: stored before builds were recorded; which machine built their inputs is not known, so "
+            "they count as one build."
+        )
+    return lines
+
+
+def _gain(cells: list) -> str:
+    """MADPO − DPO in mean oracle reward per tier, averaged over the seeds that have both in this build."""
+    by = {(c.method, c.tier, c.seed): c.mean for c in cells}
+    out = []
+    for tier in dict.fromkeys(c.tier for c in cells):
+        seeds = [s for (m, t, s) in by if m == "madpo" and t == tier and ("dpo", t, s) in by]
+        if seeds:
+            d = float(np.mean([by[("madpo", tier, s)] - by[("dpo", tier, s)] for s in seeds]))
+            out.append(f"{tier} {d:+.3f} ({len(seeds)})")
+    return ", ".join(out) or "–"
