@@ -14,9 +14,12 @@ seeds) and in KL(π‖π_SFT).
 
 Every finished cell (one trained and evaluated policy) is stored in `bench/results/cells/rm_quality_curve/`
 (`bench/cellstore.py`): a rerun, here or on another machine, skips it, and when every cell is stored the report is
-regenerated without building a single pipeline stage. Commit the cell files as they finish. Any option not listed
-below is a pipeline flag (`--policy.lr`, `--output_dir`, ...); DPO and MADPO get the config's `policy` section with
-only method, tier, seed and the margin source changed. Writes `rm_quality_curve.md` (+ `.json`, `.png`).
+regenerated without building a single pipeline stage. Commit the cell files as they finish. A machine that resumes
+the curve rebuilds the SFT model, the pairs and the reward models, which differ bitwise on another CPU
+(bench/sweep/builds.py): each cell stores the build it read, and MADPO is paired with the DPO cell of its own seed
+and build only. Any option not listed below is a pipeline flag (`--policy.lr`, `--output_dir`, ...); DPO and MADPO
+get the config's `policy` section with only method, tier, seed and the margin source changed. Writes
+`rm_quality_curve.md` (+ `.json`, `.png`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ if str(BENCH) not in sys.path:  # the bench modules import as siblings, whether 
 import numpy as np  # noqa: E402
 from cellstore import CellStore, cell_spec  # noqa: E402
 from rm_quality import VARIANTS, variant_config  # noqa: E402
+from sweep.builds import InputBuild, array_digest, build_of, shared_build  # noqa: E402
 from sweep.cells import Cell, run_cell  # noqa: E402
 
 from madpo.pipeline.config import TIER_NAMES, PipelineConfig, PolicyConfig  # noqa: E402
@@ -158,7 +162,7 @@ def quality(pipe: Pipeline, policy: PolicyConfig, stage_stats: dict) -> dict | N
 def run_one(pipes: Pipelines, store: CellStore, item: Planned) -> dict:
     """Train (or find in the stage cache) and evaluate one cell, and store it."""
     pipe = pipes(item.rm_variant)
-    cell = run_cell(pipe, item.policy)
+    cell = run_cell(pipe, item.policy, pipes.inputs(item))
     stats = pipe.policy(item.policy).stats  # memoised: the stage run_cell just ran
     result = {"level": item.level, "cell": dataclasses.asdict(cell), "quality": quality(pipe, item.policy, stats)}
     return store.put(item.spec, result, name=policy_label(item.policy))
@@ -175,6 +179,15 @@ class Pipelines:
         if variant not in self.built:
             self.built[variant] = Pipeline(self.cfg if variant is None else variant_config(self.cfg, variant))
         return self.built[variant]
+
+    def inputs(self, item: Planned) -> InputBuild:
+        """What the cell reads: the shared build (one for all variants: they change the reward section only, so
+        they share the SFT model and the pairs) and, for a reward-model point, that variant's margins."""
+        if not hasattr(self, "_shared_build"):
+            self._shared_build = shared_build(self(None))
+        if item.rm_variant is None:  # a synthetic source: its margins follow from the pairs, the seed and σ
+            return InputBuild(self._shared_build)
+        return InputBuild(self._shared_build, array_digest(self(item.rm_variant).train_margins(item.policy.tier)))
 
 
 def run_workers(opts: argparse.Namespace, argv: list[str], cfg: PipelineConfig) -> None:
@@ -215,27 +228,32 @@ def _mean(values: list[Any]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
+def _by_run(records: list[tuple[Planned, dict]]) -> dict[tuple[str, str, int, str], dict]:
+    """The stored results by (tier, level, seed, input build)."""
+    return {(i.policy.tier, i.level, i.policy.seed, build_of(r["cell"])): r for i, r in records}
+
+
 def curve_rows(records: list[tuple[Planned, dict]]) -> list[dict]:
-    """One row per (tier, level) with MADPO's and DPO's cells of the same seeds: quality (mean over seeds) and the
-    paired differences in reward and KL."""
-    by: dict[tuple[str, str, int], dict] = {}
-    for item, result in records:
-        by[(item.policy.tier, item.level, item.policy.seed)] = result
+    """One row per (tier, level) with MADPO's and DPO's cells of the same seeds and input builds: quality (mean over
+    seeds) and the paired differences in reward and KL. A MADPO cell whose seed's DPO cell was trained on another
+    build has no pair (`unpaired`): the two read different pairs, so their difference is not MADPO's effect."""
+    by = _by_run(records)
     rows = []
     for tier in [t for t in TIER_NAMES if any(k[0] == t for k in by)]:
         levels = list(dict.fromkeys(k[1] for k in by if k[0] == tier and k[1] != "dpo"))
         for level in levels:
-            seeds = sorted(s for t, lv, s in by if t == tier and lv == level and (tier, "dpo", s) in by)
-            if not seeds:
+            runs = sorted((s, b) for t, lv, s, b in by if t == tier and lv == level and (tier, "dpo", s, b) in by)
+            if not runs:
                 continue
-            mad = [Cell(**by[(tier, level, s)]["cell"]) for s in seeds]
-            dpo = [Cell(**by[(tier, "dpo", s)]["cell"]) for s in seeds]
-            q = [by[(tier, level, s)]["quality"] or {} for s in seeds]
+            mad = [Cell(**by[(tier, level, *run)]["cell"]) for run in runs]
+            dpo = [Cell(**by[(tier, "dpo", *run)]["cell"]) for run in runs]
+            q = [by[(tier, level, *run)]["quality"] or {} for run in runs]
             rows.append(
                 {
                     "tier": tier,
                     "level": level,
-                    "seeds": seeds,
+                    "seeds": [s for s, _ in runs],
+                    "builds": sorted({b for _, b in runs}),
                     **{k: _mean([x.get(k) for x in q]) for k in ("oracle_agreement", "bt_excess", "corr")},
                     "madpo_reward": float(np.mean([c.mean for c in mad])),
                     "dpo_reward": float(np.mean([c.mean for c in dpo])),
@@ -246,6 +264,12 @@ def curve_rows(records: list[tuple[Planned, dict]]) -> list[dict]:
                 }
             )
     return rows
+
+
+def unpaired(records: list[tuple[Planned, dict]]) -> list[str]:
+    """The MADPO cells with no DPO cell of the same tier, seed and input build, as 'tier level sN (build)'."""
+    by = _by_run(records)
+    return [f"{t} {level_name(lv)} s{s} (`{b}`)" for t, lv, s, b in by if lv != "dpo" and (t, "dpo", s, b) not in by]
 
 
 def level_name(level: str) -> str:
@@ -341,7 +365,8 @@ def write_report(
     """`rm_quality_curve.md` / `.json` / `.png` under --results-dir, from the stored cells alone."""
     out = Path(opts.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = curve_rows([(i, r["result"]) for i, r in records])
+    results = [(i, r["result"]) for i, r in records]
+    rows = curve_rows(results)
     paths = {
         "md": out / "rm_quality_curve.md",
         "json": out / "rm_quality_curve.json",
@@ -381,15 +406,30 @@ def write_report(
             f"{_f(r['bt_excess'], '+.3f')} | {_f(r['corr'], '+.3f')} | {r['madpo_reward']:.3f} | {r['dpo_reward']:.3f} "
             f"| {_ci(r['d_reward'])} | {_ci(r['d_kl'], '+.2f')} |"
         )
-    lines += ["", "## Cells", "", "| method | tier | seed | margins | reward ± SE | KL ± SE | machine | cell file |"]
-    lines += ["|---|---|---|---|---|---|---|---|"]
+    builds = sorted({build_of(r["result"]["cell"]) for _, r in records})
+    if len(builds) > 1:
+        lines += [
+            "",
+            f"The cells were trained on {len(builds)} input builds ({', '.join(f'`{b}`' for b in builds)}): the SFT "
+            "model, pairs and reward models rebuilt on another machine differ bitwise, so Δ pairs a MADPO cell with "
+            "the DPO cell of its own seed and build only.",
+        ]
+    if lost := unpaired(results):
+        lines += ["", f"No DPO cell of their seed and build, so left out of Δ: {'; '.join(lost)}."]
+    lines += [
+        "",
+        "## Cells",
+        "",
+        "| method | tier | seed | margins | reward ± SE | KL ± SE | machine | build | cell file |",
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
     for item, record in records:
         c = record["result"]["cell"]
         lines.append(
             f"| {item.policy.name} | {c['tier']} | {c['seed']} | "
             f"{'–' if item.level == 'dpo' else level_name(item.level)} "
             f"| {c['mean']:.3f} ± {c['se']:.3f} | {c['kl']:.2f} ± {c['kl_se']:.2f} | {record['machine']['processor']} "
-            f"| `{c['policy_stage']}` |"
+            f"| `{build_of(c)}` | `{c['policy_stage']}` |"
         )
     paths["md"].write_text("\n".join(lines) + "\n")
     write_json_atomic(

@@ -218,6 +218,9 @@ def test_curve_runs_stores_its_cells_and_a_rerun_reads_them_and_trains_nothing(
         assert d["lo"] <= d["mean"] <= d["hi"] and d["ci"] == "within run"
         assert d["mean"] == pytest.approx(r["madpo_reward"] - r["dpo_reward"])
     assert len(list(cells.glob("*.json"))) == 4  # DPO, two levels, the reward model
+    inputs = {c["level"]: c["result"]["cell"]["inputs"] for c in report["cells"]}
+    assert len({i["build"] for i in inputs.values()}) == 1  # one machine, one build of the SFT model and pairs
+    assert inputs["reward_model"]["margins"] and inputs["0"]["margins"] is None  # only the RM point reads RM margins
     assert len(list(out.glob("reward-high-*"))) == 1 and len(list(out.glob("policy-dpo-high-s0-*"))) == 1
 
     # a rerun with no stage cache at all (another machine): every cell comes from the store, no stage is built
@@ -269,3 +272,41 @@ def test_each_reward_model_variant_is_a_point_of_its_own(curve) -> None:
     assert by[(0, "dpo")].spec["pipeline"].get("reward") is None  # DPO does not depend on the reward model
     with pytest.raises(SystemExit, match="unknown reward-model variant"):
         curve.plan(curve.curve_parser().parse_args(["--rm-variants", "nope"]), cfg)
+
+
+def _curve_record(curve, level: str, seed: int, build: str, reward: float) -> tuple:
+    """A stored curve cell of tier high: its plan item and result, trained on input build `build`."""
+    method = "dpo" if level == "dpo" else "madpo"
+    policy = PolicyConfig(method=method, tier="high", seed=seed)
+    cell = curve.Cell(
+        method=method, tier="high", seed=seed, mean=reward, se=0.01, sd=0.1, kl=1.0, kl_se=0.1, policy_seconds=1.0,
+        eval_seconds=1.0, cached=False, policy_stage=f"policy-{level}-s{seed}", eval_stage="eval",
+        inputs={"build": build, "margins": None},
+    )  # fmt: skip
+    result = {"level": level, "cell": dataclasses.asdict(cell), "quality": {"oracle_agreement": 1.0}}
+    return curve.Planned(policy, level, {"level": level, "seed": seed}), result
+
+
+@pytest.mark.parametrize("blind", [False, True], ids=["by-build", "blind-to-builds"])
+def test_the_curve_pairs_madpo_with_dpo_of_its_own_seed_and_build(
+    curve, blind: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seed 1's DPO cell was trained on another machine's rebuild of the pairs (build B) than its MADPO cell (A):
+    their difference mixes MADPO's effect with the rebuild's, so Δ pairs seed 0 only and the report says so. The
+    blind case (every cell one build, as before builds were recorded) shows the test sees the cross-build pair."""
+    if blind:
+        monkeypatch.setattr(curve, "build_of", lambda item: "one")
+    records = [
+        _curve_record(curve, "dpo", 0, "A", 1.0),
+        _curve_record(curve, "0", 0, "A", 1.5),
+        _curve_record(curve, "dpo", 1, "B", 0.2),
+        _curve_record(curve, "0", 1, "A", 1.4),
+    ]
+    (row,) = curve.curve_rows(records)
+    lost = curve.unpaired(records)
+    if blind:
+        assert row["seeds"] == [0, 1] and row["d_reward"]["mean"] == pytest.approx((0.5 + 1.2) / 2) and not lost
+        return
+    assert row["seeds"] == [0] and row["builds"] == ["A"]
+    assert row["d_reward"]["mean"] == pytest.approx(0.5) and row["d_reward"]["ci"] == "within run"
+    assert lost == ["high oracle + N(0, 0²) s1 (`A`)"]

@@ -417,3 +417,48 @@ def test_the_build_hash_reads_every_byte_and_no_path(tmp_path: Path) -> None:
     assert digest != files_digest([tmp_path / "b" / "model", tmp_path / "b" / "train.jsonl"])
     m = np.linspace(-1.0, 1.0, 7)
     assert array_digest(m) == array_digest(m.copy()) != array_digest(np.nextafter(m, 2.0))  # one ulp each
+
+
+def _cell(method: str, seed: int, build: str, mean: float, margins: dict | None = None) -> Any:
+    import sweep.cells
+
+    return sweep.cells.Cell(
+        method=method, tier="high", seed=seed, mean=mean, se=0.01, sd=0.1, kl=1.0, kl_se=0.1, policy_seconds=1.0,
+        eval_seconds=1.0, cached=False, policy_stage=f"{method}-s{seed}", eval_stage="eval", margins=margins,
+        inputs={"build": build, "margins": None},
+    )  # fmt: skip
+
+
+def test_the_decomposition_pairs_a_variant_with_dpo_and_madpo_of_its_own_seeds(reproduce: ModuleType) -> None:
+    """A variant run on one seed is compared with MADPO's gain on that seed, not with MADPO's mean over all three:
+    seed 0 (another build) has a far smaller gain, and a Δ over unequal seed sets would mix the two."""
+    from sweep import report
+
+    cells = [_cell("dpo", s, b, 1.0) for s, b in ((0, "A"), (1, "B"), (2, "B"))]
+    cells += [_cell("madpo", 0, "A", 1.1), _cell("madpo", 1, "B", 1.6), _cell("madpo", 2, "B", 1.6)]
+    cells += [_cell("madpo_no_downweight", 1, "B", 1.2)]
+    lines = report._decomposition(parse_config(["-c", CI]), cells, ["dpo", "madpo", "madpo_no_downweight"], ["high"])
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in lines if ln.startswith("| madpo")}
+    assert "+0.433 (3)" in rows["madpo"]
+    assert "+0.200 (1); MADPO +0.600" in rows["madpo_no_downweight"]
+
+
+def test_the_margin_row_reads_the_madpo_cell_of_the_reward_records_build(reproduce: ModuleType) -> None:
+    """The row quotes the first stored build's reward-model accuracy; its margin numbers must be that build's too."""
+    from sweep import report
+
+    def margins(sd: float) -> dict:
+        shares = {"frac_capped_below_minus_tau": 0.0, "frac_amplified_0_to_tau": 0.7, "frac_damped_above_tau": 0.0}
+        return {
+            "agrees_with_oracle": 0.6,
+            "corr_with_oracle_gap": 0.4,
+            "sd": sd,
+            "frac_downweighted_negative": 0.3,
+            **shares,
+        }
+
+    # build A's cell first: the last MADPO cell (build B's) is the one a per-tier dict of all cells would keep
+    cells = [_cell("madpo", 0, "A", 1.1, margins(0.294)), _cell("madpo", 1, "B", 1.6, margins(0.385))]
+    reward = {"high": {"rm_val_accuracy": 0.605, "inputs": {"build": "A"}}}
+    (row,) = [ln for ln in report._margin_sections(cells, ["high"], reward) if ln.startswith("| high")]
+    assert "| 0.294 |" in row and "0.385" not in row

@@ -15,7 +15,7 @@ from pathlib import Path
 from madpo.pipeline.config import TIER_NAMES, PipelineConfig
 
 from .builds import build_of, builds_section
-from .cells import Cell, aggregate, madpo_loss
+from .cells import Cell, aggregate, madpo_loss, paired_difference
 from .margin_best import margin_best_section
 from .plan import BASELINES, NOISE_MATCHED, Planned
 
@@ -163,7 +163,7 @@ def main_table(
     lines += _baseline_sections(agg, tiers)
     lines += margin_best_section(cells, tiers)
     lines += _margin_sections(cells, tiers, reward_ctx)
-    lines += _decomposition(cfg, cells, methods, tiers, agg)
+    lines += _decomposition(cfg, cells, methods, tiers)
     lines += builds_section(cells, builds or {})
     lines += ["", "## Configuration", "", "```json", json.dumps(cfg.to_dict(), indent=1), "```", ""]
     lines += [
@@ -227,7 +227,15 @@ def _baseline_sections(agg: dict, tiers: list[str]) -> list[str]:
 
 def _margin_sections(cells: list[Cell], tiers: list[str], reward_ctx: dict[str, dict]) -> list[str]:
     lines: list[str] = []
-    margin_rows = [(t, c.margins) for t in tiers for c in cells if c.tier == t and c.method == "madpo" and c.margins]
+    # per tier, a MADPO cell of the build whose reward record the row quotes beside it (the first stored), so that
+    # the row's numbers are one reward model's
+    margin_rows: dict[str, dict] = {}
+    for t in tiers:
+        own = [c for c in cells if c.tier == t and c.method == "madpo" and c.margins]
+        first = build_of(reward_ctx[t]) if reward_ctx.get(t) else None
+        chosen = next((c for c in own if build_of(c) == first), own[0] if own else None)
+        if chosen is not None:
+            margin_rows[t] = chosen.margins
     if margin_rows:
         lines += [
             "",
@@ -241,7 +249,7 @@ def _margin_sections(cells: list[Cell], tiers: list[str], reward_ctx: dict[str, 
             "0 < m < τ (amplified) | m ≥ τ (damped) |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for t, m in dict(margin_rows).items():
+        for t, m in margin_rows.items():
             acc = (reward_ctx.get(t) or {}).get("rm_val_accuracy")
             corr = m.get("corr_with_oracle_gap")
             lines.append(
@@ -270,7 +278,7 @@ def _margin_sections(cells: list[Cell], tiers: list[str], reward_ctx: dict[str, 
     return lines
 
 
-def _decomposition(cfg: PipelineConfig, cells: list[Cell], methods: list[str], tiers: list[str], agg: dict) -> list:
+def _decomposition(cfg: PipelineConfig, cells: list[Cell], methods: list[str], tiers: list[str]) -> list:
     variants = [m for m in methods if m.startswith("madpo_")]
     if not variants:
         return []
@@ -278,16 +286,30 @@ def _decomposition(cfg: PipelineConfig, cells: list[Cell], methods: list[str], t
     lines += [
         "w(m) amplifies hard agreeing pairs (0 < m < τ), down-weights contradicted pairs (m < 0) and damps easy "
         "ones (m > τ). `no_downweight` clips w ≥ 1, `no_amplify` clips w ≤ 1; amp-only / reg-only as eq. (17) of "
-        "docs/method.md. Δ vs DPO per tier:",
+        "docs/method.md. Δ vs DPO per tier, paired by seed within an input build (the number of seeds in "
+        "brackets); where a variant has fewer seeds than MADPO, MADPO's Δ on the same seeds beside it:",
         "",
         "| variant | " + " | ".join(tiers) + " |",
         "|---|" + "---|" * len(tiers),
     ]
+
+    def of(m: str, t: str) -> list[Cell]:
+        return [c for c in cells if c.method == m and c.tier == t]
+
     for m in ["madpo", *variants]:
-        row = [
-            f"{agg[(m, t)]['mean'] - agg[('dpo', t)]['mean']:+.3f}" if (m, t) in agg and ("dpo", t) in agg else "–"
-            for t in tiers
-        ]
+        row = []
+        for t in tiers:
+            d = paired_difference(of(m, t), of("dpo", t))
+            if d is None:
+                row.append("–")
+                continue
+            text = f"{d['mean']:+.3f} ({d['n']})"
+            runs = {(c.seed, build_of(c)) for c in of(m, t)}
+            same = paired_difference([c for c in of("madpo", t) if (c.seed, build_of(c)) in runs], of("dpo", t))
+            full = paired_difference(of("madpo", t), of("dpo", t))
+            if m != "madpo" and same is not None and full is not None and same["n"] < full["n"]:
+                text += f"; MADPO {same['mean']:+.3f}"
+            row.append(text)
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     same = {(c.method, c.tier): c.extra for c in cells if "identical_to" in c.extra}
     if same:
