@@ -297,6 +297,39 @@ def test_bench_reproduce_jobs_split_the_cells_between_workers(
     assert len(list(store.glob("policy-*.json"))) == 4  # every cell stored, by the worker that ran it
 
 
+def test_bench_oracle_reference_on_the_cached_stages(
+    finished: tuple[Path, dict, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """bench/oracle_reference.py trains no stage, scores the eval pairs past reward.n_val, and its labels row is the
+    pairs' own label noise against the pipeline's oracle."""
+    from tests.helpers import load_bench_script
+
+    bench = load_bench_script("oracle_reference", monkeypatch)
+    out = copy_of(finished, tmp_path)
+    cfg = run.parse_config(ci_args(out))
+    capsys.readouterr()
+    args = ["--tiers", "high", "--reference-train", "1500", "--accuracy-reviews", "400"]
+    args += ["--results-dir", str(tmp_path / "results")]
+    doc = bench.main([*args, *ci_args(out)])
+    assert "running" not in capsys.readouterr().out  # every stage came from the cache
+    rows = [
+        json.loads(line)
+        for line in (only_stage(out, "pairs") / "pairs" / "high" / "eval.jsonl").read_text().splitlines()
+    ][cfg.reward.n_val :]
+    tier = doc["tiers"]["high"]
+    assert tier["n_pairs"] == len(rows) > 0
+    gaps = np.array([r["oracle_chosen"] - r["oracle_rejected"] for r in rows])
+    labels = tier["table"]["labels"]["pipeline oracle"]
+    assert labels["agreement"] == pytest.approx((gaps[gaps != 0] > 0).mean())
+    assert set(tier["table"]["reward model"]) == {"pipeline oracle", "reference oracle", "VADER"}
+    assert "pipeline oracle" not in tier["table"]["pipeline oracle"]  # no truth is scored against itself
+    accuracy = doc["oracle_accuracy"]
+    assert accuracy["pipeline oracle"]["n_train"] == cfg.data.n_oracle_train
+    assert accuracy["reference oracle"]["n_train"] == 1500 and accuracy["VADER"]["n_train"] is None
+    assert all(0.5 < a["full"] <= 1 and a["n"] == 400 for a in accuracy.values())
+    assert "| reward model |" in (tmp_path / "results" / "oracle_reference.md").read_text()
+
+
 def test_pretrained_base_with_lora_the_paper_path(tmp_path: Path) -> None:
     """configs/imdb/paper.yaml's code path on a local model: no tokenizer training or LM pretraining (the base is
     given), LoRA for SFT / reward / policy, SFT and policy exported merged (plain transformers dirs)."""

@@ -404,7 +404,7 @@ def test_cells_and_records_stored_before_builds_count_as_one_unrecorded_build(
     assert "## Input builds (2)" in md and "| `unrecorded` | dpo high s0" in md
 
 
-def test_the_build_hash_reads_every_byte_and_no_path(tmp_path: Path) -> None:
+def test_the_build_hash_reads_every_byte_but_the_model_card_and_no_path(reproduce: ModuleType, tmp_path: Path) -> None:
     from sweep.builds import array_digest, files_digest
 
     for name in ("a", "b"):
@@ -413,10 +413,32 @@ def test_the_build_hash_reads_every_byte_and_no_path(tmp_path: Path) -> None:
         (tmp_path / name / "train.jsonl").write_text('{"chosen": "x"}\n')
     digest = files_digest([tmp_path / "a" / "model", tmp_path / "a" / "train.jsonl"])
     assert digest == files_digest([tmp_path / "b" / "model", tmp_path / "b" / "train.jsonl"])  # another directory
+    (tmp_path / "b" / "model" / "README.md").write_text("tokens/s 3070.5")  # the model card's run metrics
+    assert digest == files_digest([tmp_path / "b" / "model", tmp_path / "b" / "train.jsonl"])
     (tmp_path / "b" / "model" / "weights.bin").write_bytes(b"\x00" * 1000 + b"\x02")  # one byte
     assert digest != files_digest([tmp_path / "b" / "model", tmp_path / "b" / "train.jsonl"])
     m = np.linspace(-1.0, 1.0, 7)
     assert array_digest(m) == array_digest(m.copy()) != array_digest(np.nextafter(m, 2.0))  # one ulp each
+
+
+def test_the_build_hash_reads_the_pairs_texts_and_labels_not_the_oracles_scores(
+    reproduce: ModuleType, tmp_path: Path
+) -> None:
+    """The oracle is retrained on each machine and its scores can differ in the last bits while the pairs (texts,
+    labels) are the same: such a rebuild is the same build. A changed text or a swapped label is not."""
+    from sweep.builds import files_digest
+
+    def pairs(name: str, score: float, chosen: str = " good", rejected: str = " bad") -> Path:
+        row = {"prompt": "p", "chosen": chosen, "rejected": rejected, "oracle_chosen": score, "oracle_rejected": 0.1}
+        path = tmp_path / name / "train.jsonl"
+        path.parent.mkdir()
+        path.write_text(json.dumps({**row, "label_agrees_with_oracle": True}) + "\n")
+        return path
+
+    digest = files_digest([pairs("a", 0.9171104003938217)])
+    assert files_digest([pairs("b", float(np.nextafter(0.9171104003938217, 1.0)))]) == digest
+    assert files_digest([pairs("c", 0.9171104003938217, chosen=" goods")]) != digest
+    assert files_digest([pairs("d", 0.9171104003938217, chosen=" bad", rejected=" good")]) != digest
 
 
 def _cell(method: str, seed: int, build: str, mean: float, margins: dict | None = None) -> Any:

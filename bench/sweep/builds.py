@@ -8,12 +8,20 @@ that completion follows. So a committed cell and a cell trained on another machi
 Each cell and record therefore stores content hashes of what it read (`InputBuild`); the report groups them by
 build, quotes each build's own label noise and reward-model numbers, and pairs two methods' cells only within one
 build. A record or cell stored before builds were recorded has none: its build is "unrecorded".
+
+The hash covers what training and evaluation read: the SFT model's weights, config and tokenizer, and the pairs'
+texts, labels and sources. It leaves out the model card (it carries its run's throughput) and the oracle's scores in
+the pairs files: the oracle is retrained on each machine and its float scores can differ in the last bits while
+every text and label is the same (seen here: two avx512_bf16 EPYCs built the same pairs, SFT evaluation and reward
+margins, with oracle scores 1e-16 apart). Builds recorded before these were left out hashed them, so no rebuild can
+match them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,24 +30,45 @@ import numpy as np
 
 UNRECORDED = "unrecorded"
 """The build of a cell or record stored before builds were recorded."""
+UNHASHED = frozenset({"README.md"})
+"""File names the build hash skips: an exported model's card, which carries its run's metrics (throughput among
+them), so that it differs between two runs that wrote the same weights."""
+
+
+def _oracle_field(key: str) -> bool:
+    """A pairs-file field the oracle computed (its scores, and whether the label agrees with them)."""
+    return "oracle" in key
+
+
+def _content(path: Path) -> Iterable[bytes]:
+    """What the build hash reads of a file: a JSON-lines file's rows without their oracle fields, canonically
+    encoded; any other file's bytes."""
+    with open(path, "rb") as stream:
+        if path.suffix != ".jsonl":
+            yield from iter(lambda: stream.read(1 << 20), b"")
+            return
+        for line in stream:
+            if line.strip():
+                row = {k: v for k, v in json.loads(line).items() if not _oracle_field(k)}
+                yield json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n"
 
 
 def files_digest(paths: Iterable[Path]) -> str:
-    """blake2b (12 hex digits) over the files' names (relative to their common root) and bytes, in sorted order;
-    a directory stands for every file under it."""
+    """blake2b (12 hex digits) over the files' names (relative to their common root) and `_content`, in sorted
+    order; a directory stands for every file under it but the `UNHASHED` ones."""
     files: list[tuple[str, Path]] = []
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            files += [(str(f.relative_to(path.parent)), f) for f in sorted(path.rglob("*")) if f.is_file()]
+            found = sorted(f for f in path.rglob("*") if f.is_file() and f.name not in UNHASHED)
+            files += [(str(f.relative_to(path.parent)), f) for f in found]
         else:
             files.append((path.name, path))
     h = hashlib.blake2b(digest_size=6)
     for name, f in sorted(files):
         h.update(name.encode() + b"\0")
-        with open(f, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                h.update(block)
+        for block in _content(f):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -53,7 +82,8 @@ class InputBuild:
     """Content hashes of what a cell reads from the shared stages."""
 
     build: str
-    """The SFT model (its weights, tokenizer and config) and every file of the pairs stage but its report."""
+    """The SFT model (its weights, tokenizer and config) and every file of the pairs stage but its report, without
+    the model card and the oracle's scores (see the module docstring)."""
     margins: str | None = None
     """The tier's reward-model margins on its training pairs (float32 scoring); None for a cell that reads none."""
 

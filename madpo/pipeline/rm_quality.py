@@ -91,15 +91,15 @@ def _gaps(rows: Sequence[dict]) -> np.ndarray:
     return np.asarray([r["oracle_chosen"] - r["oracle_rejected"] for r in rows], dtype=np.float64)
 
 
-def tfidf_bt_reference(train_rows: Sequence[dict], val_rows: Sequence[dict], *, C: float = 1.0) -> dict[str, Any]:
-    """`rm_quality` of a TF-IDF Bradley–Terry model on `val_rows`, trained on `train_rows` (dicts with `prompt`,
-    `chosen`, `rejected`, `oracle_chosen`, `oracle_rejected`, as the pairs stage writes them).
+def tfidf_bt_margins(train_rows: Sequence[dict], val_rows: Sequence[dict], *, C: float = 1.0) -> tuple[np.ndarray, int]:
+    """(margins on `val_rows`, number of features) of a TF-IDF Bradley–Terry model trained on `train_rows` (dicts
+    with `prompt`, `chosen`, `rejected`, as the pairs stage writes them).
 
     TF-IDF (word 1–2-grams, min_df 2, sublinear tf) is fit on the training pairs' texts, prompt + completion of both
     sides; a pair's features are x_chosen − x_rejected, and a logistic regression without intercept on them is
     exactly a linear Bradley–Terry reward r(x) = w·x (P(chosen ≻ rejected) = σ(w·(x_c − x_r))). Every training pair
     says "chosen wins", one class only, so the flipped differences enter with label 0: the same likelihood, and both
-    classes for the solver. Its margins on the validation pairs are w·(x_c − x_r). Adds `n_train` and `n_features`."""
+    classes for the solver. Its margins on the validation pairs are w·(x_c − x_r)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -118,11 +118,14 @@ def tfidf_bt_reference(train_rows: Sequence[dict], val_rows: Sequence[dict], *, 
     labels = np.concatenate([np.ones(len(train_rows)), np.zeros(len(train_rows))])
     model = LogisticRegression(fit_intercept=False, C=C, max_iter=1000).fit(features, labels)
     margins = np.asarray(differences(val_rows) @ model.coef_[0], dtype=np.float64).reshape(-1)
-    return {
-        **rm_quality(margins, _gaps(val_rows)),
-        "n_train": len(train_rows),
-        "n_features": len(vectorizer.vocabulary_),
-    }
+    return margins, len(vectorizer.vocabulary_)
+
+
+def tfidf_bt_reference(train_rows: Sequence[dict], val_rows: Sequence[dict], *, C: float = 1.0) -> dict[str, Any]:
+    """`rm_quality` of the TF-IDF Bradley–Terry model of `tfidf_bt_margins` on `val_rows` (which also carry
+    `oracle_chosen`, `oracle_rejected`), trained on `train_rows`. Adds `n_train` and `n_features`."""
+    margins, n_features = tfidf_bt_margins(train_rows, val_rows, C=C)
+    return {**rm_quality(margins, _gaps(val_rows)), "n_train": len(train_rows), "n_features": n_features}
 
 
 def quality_line(quality: dict[str, Any], reference: dict[str, Any] | None = None) -> str:
