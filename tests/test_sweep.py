@@ -272,6 +272,9 @@ def test_matched_kl_reads_madpos_frontier_at_the_other_methods_kl(reproduce: Mod
     lines = figures.matched_kl_lines({"madpo": madpo, "odpo": [(5.0, 0.55), (12.0, 1.0)]}, "beta")
     assert "| odpo | 5.00 | 0.550 | 0.600 | +0.050 |" in lines  # 0.5 + 0.4·(5 − 4)/4 = 0.6
     assert "| odpo | 12.00 | 1.000 | – | outside MADPO's range |" in lines
+    # the other way round: ODPO's frontier at MADPO's KL 8 is 0.55 + 0.45·(8 − 5)/7
+    assert f"| 8.00 | 0.900 | odpo | {0.55 + 0.45 * 3 / 7:.3f} | {0.9 - 0.55 - 0.45 * 3 / 7:+.3f} |" in lines
+    assert "| 4.00 | 0.500 | odpo | – | outside odpo's range |" in lines
     assert figures.matched_kl_lines({"odpo": [(5.0, 0.55)]}, "beta") == []  # no MADPO frontier: no section
 
 

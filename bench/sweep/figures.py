@@ -23,7 +23,8 @@ def interpolate(curve: list[tuple[float, float]], kl: float) -> float | None:
 
 def matched_kl_lines(curves: dict[str, list[tuple[float, float]]], knob: str) -> list[str]:
     """MADPO against each other method at the same KL: at every knob value of the other method, MADPO's frontier
-    interpolated at that point's KL (means over seeds; no interval, a reading of the curves)."""
+    interpolated at that point's KL, and at every knob value of MADPO, the other method's frontier interpolated at
+    MADPO's KL (means over seeds; no interval, a reading of the curves)."""
     mad = curves.get("madpo")
     if not mad or len(curves) < 2:
         return []
@@ -35,13 +36,24 @@ def matched_kl_lines(curves: dict[str, list[tuple[float, float]]], knob: str) ->
         "| method | its KL | its reward | MADPO at that KL | MADPO − method |",
         "|---|---|---|---|---|",
     ]
-    for method, curve in curves.items():
-        if method == "madpo":
-            continue
+    others = {m: c for m, c in curves.items() if m != "madpo"}
+    for method, curve in others.items():
         for kl, reward in curve:
             at = interpolate(mad, kl)
             gain = "outside MADPO's range" if at is None else f"{at - reward:+.3f}"
             lines.append(f"| {method} | {kl:.2f} | {reward:.3f} | {'–' if at is None else f'{at:.3f}'} | {gain} |")
+    lines += [
+        "",
+        "And the other way round: at each point of MADPO's frontier, the other method's frontier read at its KL.",
+        "",
+        "| MADPO's KL | MADPO's reward | method | method at that KL | MADPO − method |",
+        "|---|---|---|---|---|",
+    ]
+    for kl, reward in mad:
+        for method, curve in others.items():
+            at = interpolate(curve, kl)
+            gain = f"outside {method}'s range" if at is None else f"{reward - at:+.3f}"
+            lines.append(f"| {kl:.2f} | {reward:.3f} | {method} | {'–' if at is None else f'{at:.3f}'} | {gain} |")
     return lines
 
 
