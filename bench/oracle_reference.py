@@ -56,6 +56,13 @@ def parser() -> argparse.ArgumentParser:
         help="measure the oracles' accuracy on at most this many reviews (class-balanced; default: every review "
         "neither TF-IDF oracle trained on)",
     )
+    p.add_argument(
+        "--held-from",
+        type=int,
+        default=None,
+        help="score the eval pairs from this index on (default: reward.n_val, the first the reward model never saw); "
+        "a common start puts reward models validated on different slices on the same pairs",
+    )
     p.add_argument("--results-dir", default=str(REPO / "bench" / "results" / "paper_size"))
     return p
 
@@ -133,8 +140,11 @@ def oracles(
     return found, accuracy
 
 
-def tier_table(cfg: PipelineConfig, pipe: Any, tier: str, found: dict[str, Any]) -> dict[str, Any]:
-    """Agreement of every scorer with every truth on the tier's eval pairs past `reward.n_val`."""
+def tier_table(
+    cfg: PipelineConfig, pipe: Any, tier: str, found: dict[str, Any], held_from: int | None = None
+) -> dict[str, Any]:
+    """Agreement of every scorer with every truth on the tier's eval pairs from `held_from` (default
+    `reward.n_val`) on."""
     from madpo.modeling import load_tokenizer
     from madpo.pipeline.rm_quality import tfidf_bt_margins
     from madpo.pipeline.stages import load_pairs, score_rm_margins
@@ -142,7 +152,7 @@ def tier_table(cfg: PipelineConfig, pipe: Any, tier: str, found: dict[str, Any])
     from madpo.pipeline.stages.training import dataset
 
     reward = pipe.reward(tier)
-    rows = load_pairs(pipe.pairs(), tier, "eval")[cfg.reward.n_val or 0 :]
+    rows = load_pairs(pipe.pairs(), tier, "eval")[held_start(cfg, held_from) :]
     tok = load_tokenizer(pipe.sft().output("model"))
     scored, _ = score_rm_margins(pipe.ctx, reward, tok, {"held": dataset(rows, PAIR_COLUMNS)}, pipe.lengths, under=None)
     index = np.asarray(scored["held"]["index"], dtype=int)
@@ -162,7 +172,29 @@ def tier_table(cfg: PipelineConfig, pipe: Any, tier: str, found: dict[str, Any])
         **gaps,
     }
     table = {s: {t: agreement(v, gaps[t]) for t in TRUTHS if t != s} for s, v in scorers.items()}
-    return {"n_pairs": len(rows), "reward_stage": reward.path.name, "n_train_pairs": len(train_rows), "table": table}
+    return {
+        "n_pairs": len(rows),
+        "held_from": held_start(cfg, held_from),
+        "reward_stage": reward.path.name,
+        "reward_n_val": cfg.reward.n_val,
+        "n_train_pairs": len(train_rows),
+        "table": table,
+    }
+
+
+def held_start(cfg: PipelineConfig, held_from: int | None) -> int:
+    """The first eval pair scored: `held_from`, or the first past the reward model's validation slice."""
+    n_val = cfg.reward.n_val
+    if n_val is None:
+        raise SystemExit("oracle_reference: reward.n_val is null, so the reward model validated on every eval pair")
+    if held_from is None:
+        return n_val
+    if held_from < n_val:
+        raise SystemExit(
+            f"oracle_reference: --held-from {held_from} is inside the reward model's validation slice "
+            f"(reward.n_val={n_val}), whose pairs chose its weights"
+        )
+    return held_from
 
 
 def _f(value: Any, spec: str = ".3f") -> str:
@@ -194,8 +226,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> tuple[Path, Path]:
     for tier, t in doc["tiers"].items():
         lines += [
             "",
-            f"## Tier {tier}: {t['n_pairs']:,} held-out pairs (reward model `{t['reward_stage']}`, trained on "
-            f"{t['n_train_pairs']:,} pairs)",
+            f"## Tier {tier}: {t['n_pairs']:,} held-out pairs (eval pairs from {t.get('held_from', '?')} on; reward "
+            f"model `{t['reward_stage']}`, trained on {t['n_train_pairs']:,} pairs, validated on "
+            f"{t.get('reward_n_val', '?')})",
             "",
             "| scorer | " + " | ".join(f"vs {x}: agreement ± SE (corr)" for x in TRUTHS) + " |",
             "|---|" + "---|" * len(TRUTHS),
@@ -238,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "reference_train": opts.reference_train,
         "oracle_accuracy": accuracy,
-        "tiers": {t: tier_table(cfg, pipe, t, found) for t in tiers},
+        "tiers": {t: tier_table(cfg, pipe, t, found, opts.held_from) for t in tiers},
     }
     doc["minutes"] = (time.perf_counter() - start) / 60
     out = Path(opts.results_dir)

@@ -9,6 +9,15 @@ neural reward model below it has not learned). Reward models differ by their `re
     python bench/rm_quality.py -c configs/pipeline/imdb_1k.yaml                            # every variant
     python bench/rm_quality.py -c configs/pipeline/imdb_1k.yaml --variants base_lm --tiers high
 
+A variant is a name below or `field=value[+field=value...]`, changes to the config's own reward section (values in
+YAML: `n_val=256`, `lr=2e-5+n_val=1000`). Variants validated on different slices are not measured on the same pairs;
+`--common-from N` also scores every variant on the eval pairs from N on (past every variant's validation slice) and
+on the tier's training pairs, and reports each variant's agreement with the oracle there minus the first variant's,
+paired pair by pair:
+
+    python bench/rm_quality.py -c configs/pipeline/paper_size.yaml --variants n_val=256,config --tiers medium \
+        --common-from 1000 --results-dir bench/results/paper_size/rm_val_slice
+
 Each finished (variant, tier) is stored in `bench/results/cells/rm_quality/` (`bench/cellstore.py`): a rerun, here
 or on another machine, trains nothing it finds there. Any option not listed is a pipeline flag. Writes
 `rm_quality.md` and `rm_quality.json` (per tier: the headline variant's `rm_val_bt_loss`, `bayes_bt_loss`,
@@ -19,12 +28,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import platform
 import shlex
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +46,11 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 from cellstore import CellStore, cell_spec  # noqa: E402
 
-from madpo.pipeline.config import TIER_NAMES, PipelineConfig  # noqa: E402
+from madpo.pipeline.config import TIER_NAMES, PipelineConfig, RewardConfig  # noqa: E402
 from madpo.pipeline.run import configure_logging, parse_config  # noqa: E402
 from madpo.pipeline.stages import Pipeline, say, write_json_atomic  # noqa: E402
 
@@ -69,6 +83,34 @@ HEADLINE_KEYS = {
 """Key in rm_quality.json -> key of `madpo.pipeline.rm_quality.rm_quality`."""
 
 
+def _bits(flags: np.ndarray) -> str:
+    """A boolean vector as hex (8 per byte): per-pair agreement fits a committed cell file."""
+    return np.packbits(np.asarray(flags, dtype=bool)).tobytes().hex()
+
+
+def _unbits(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool)
+
+
+def agreement_flags(margins: np.ndarray, gaps: np.ndarray) -> dict[str, Any]:
+    """Per pair with an oracle gap g ≠ 0, whether sign(m) = sign(g) (the pairs `oracle_agreement` counts), packed, with
+    a digest of which pairs those are: two variants compare pair by pair only on the same pairs."""
+    m, g = np.asarray(margins, dtype=np.float64), np.asarray(gaps, dtype=np.float64)
+    informative = g != 0
+    agree = np.sign(m[informative]) == np.sign(g[informative])
+    where = hashlib.blake2b(np.flatnonzero(informative).astype(np.int64).tobytes(), digest_size=6).hexdigest()
+    return {"n": int(agree.size), "pairs": where, "agree": _bits(agree)}
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | int] | None:
+    """Agreement of `a` minus `b` on the same pairs (`agreement_flags` of each), with the paired SE sd(d)/√n (ddof 1)
+    of the per-pair differences d ∈ {−1, 0, 1}; None when they were not measured on the same pairs."""
+    if a is None or b is None or a["pairs"] != b["pairs"] or a["n"] != b["n"] or a["n"] < 2:
+        return None
+    d = _unbits(a["agree"], a["n"]).astype(float) - _unbits(b["agree"], b["n"]).astype(float)
+    return {"delta": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(d.size)), "n": int(d.size)}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="reward-model quality per tier and variant", epilog="other flags: pipeline")
     p.add_argument("--variants", default="base_lm,minilm,minilm_rt", help=f"comma-separated, of {list(VARIANTS)}")
@@ -76,6 +118,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--headline", default=None, help="the variant whose numbers head each tier (default: the best)")
     p.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     p.add_argument("--cells-dir", default=str(CELLS), help="where finished (variant, tier) cells are stored")
+    p.add_argument(
+        "--common-from",
+        type=int,
+        default=None,
+        help="also score every variant on the eval pairs from this index on (at least every variant's reward.n_val) "
+        "and report the differences to the first variant there and on the training pairs, paired",
+    )
     return p
 
 
@@ -83,13 +132,67 @@ def _items(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def variant_changes(name: str) -> dict[str, Any]:
+    """A named variant's changes to the reward section, or those a `field=value[+field=value...]` name spells out."""
+    if name in VARIANTS:
+        return VARIANTS[name][0]
+    if "=" not in name:
+        raise SystemExit(f"rm_quality: unknown variant {name!r}; expected one of {list(VARIANTS)} or field=value")
+    hints = typing.get_type_hints(RewardConfig)
+    changes: dict[str, Any] = {}
+    for part in name.split("+"):
+        field, _, text = part.partition("=")
+        if field not in hints:
+            raise SystemExit(f"rm_quality: variant {name!r}: reward has no field {field!r}; it has {sorted(hints)}")
+        value = yaml.safe_load(text)
+        if float in (hints[field], *typing.get_args(hints[field])) and isinstance(value, str | int):
+            value = float(value)  # YAML 1.1 reads 2e-5 as a string
+        changes[field] = value
+    return changes
+
+
+def describe(name: str) -> str:
+    return VARIANTS[name][1] if name in VARIANTS else f"the config's reward section with {name.replace('+', ', ')}"
+
+
 def variant_config(cfg: PipelineConfig, name: str) -> PipelineConfig:
-    return dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, **VARIANTS[name][0]))
+    return dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, **variant_changes(name)))
 
 
-def run_cell(cfg: PipelineConfig, tier: str) -> dict:
+def _gaps(rows: list[dict]) -> np.ndarray:
+    return np.asarray([r["oracle_chosen"] - r["oracle_rejected"] for r in rows], dtype=np.float64)
+
+
+def common_pairs(pipe: Pipeline, tier: str, start: int) -> dict[str, Any]:
+    """`rm_quality` and `agreement_flags` of the tier's reward model on its eval pairs from `start` on, and of the
+    TF-IDF BT reference fit on the tier's training pairs."""
+    from madpo.modeling import load_tokenizer
+    from madpo.pipeline.rm_quality import rm_quality, tfidf_bt_margins
+    from madpo.pipeline.stages import load_pairs, score_rm_margins
+    from madpo.pipeline.stages.pairs import PAIR_COLUMNS
+    from madpo.pipeline.stages.training import dataset
+
+    rows = load_pairs(pipe.pairs(), tier, "eval")[start:]
+    tok = load_tokenizer(pipe.sft().output("model"))
+    scored, _ = score_rm_margins(
+        pipe.ctx, pipe.reward(tier), tok, {"common": dataset(rows, PAIR_COLUMNS)}, pipe.lengths, under=None
+    )
+    kept = [rows[i] for i in scored["common"]["index"]]  # pairs the tokenizer dropped are dropped for all
+    gaps = _gaps(kept)
+    margins = np.asarray(scored["common"]["rm_margin"], dtype=np.float64)
+    tfidf = tfidf_bt_margins(load_pairs(pipe.pairs(), tier, "train"), kept)[0]
+    return {
+        "common_quality": rm_quality(margins, gaps),
+        "common_agreement_flags": agreement_flags(margins, gaps),
+        "common_tfidf_quality": rm_quality(tfidf, gaps),
+        "common_tfidf_agreement_flags": agreement_flags(tfidf, gaps),
+    }
+
+
+def run_cell(cfg: PipelineConfig, tier: str, common_from: int | None = None) -> dict:
     """Train (or find cached) the tier's reward model under `cfg` and return what its stage measured, and the same
-    measures on its own training pairs: the margins MADPO reads there are in-sample."""
+    measures on its own training pairs: the margins MADPO reads there are in-sample. With `common_from`, also on the
+    eval pairs from that index on, and each pair's agreement on both (for paired differences between variants)."""
     from madpo.pipeline.rm_quality import rm_quality
     from madpo.pipeline.stages import load_pairs
 
@@ -98,15 +201,22 @@ def run_cell(cfg: PipelineConfig, tier: str) -> dict:
     stats = stage.stats
     rows = load_pairs(pipe.pairs(), tier, "train")
     margins = pipe.train_margins(tier)
-    in_sample = None
+    in_sample, extra = None, {}
     if len(margins) == len(rows):  # no pair dropped by the tokenizer: aligned by position
-        in_sample = rm_quality(margins, [r["oracle_chosen"] - r["oracle_rejected"] for r in rows])
+        in_sample = rm_quality(margins, _gaps(rows))
+        if common_from is not None:
+            extra["train_agreement_flags"] = agreement_flags(margins, _gaps(rows))
+    if common_from is not None:
+        extra["common_from"] = common_from
+        extra.update(common_pairs(pipe, tier, common_from))
     warm = stats.get("warm_start") or {}
     return {
+        **extra,
         "quality": stats.get("quality"),
         "tfidf_reference": stats.get("tfidf_reference"),
         "val_metrics": stats.get("metrics"),
         "best_step": stats.get("best_step"),
+        "global_step": stats.get("global_step"),
         "n_train": stats.get("n_train"),
         "seconds": stage.seconds,
         "warm_start_val_metrics": warm.get("metrics"),
@@ -148,7 +258,7 @@ def write_report(
         "sign(m) = sign(oracle gap); excess = BT − Bayes. TF-IDF = a bag-of-words BT model fit on the same training "
         "pairs (the floor a neural reward model must reach).",
         "",
-        "Variants: " + "; ".join(f"`{v}`: {VARIANTS[v][1]}" for v in _items(opts.variants)) + ".",
+        "Variants: " + "; ".join(f"`{v}`: {describe(v)}" for v in _items(opts.variants)) + ".",
         "",
         "| tier | variant | val BT | Bayes BT | excess | agreement | corr(m, g) | slope | val acc | agreement on its "
         "training pairs | s |",
@@ -159,7 +269,8 @@ def write_report(
         entry: dict[str, Any] = {"headline_variant": chosen, "variants": {}}
         if chosen is not None:
             entry.update(headline(results[chosen]["quality"]))
-        reference = None
+        # the bag of words on the headline's own validation pairs (variants may validate on different slices)
+        reference = (results.get(chosen) or {}).get("tfidf_reference")
         for variant, r in results.items():
             q = r.get("quality") or {}
             entry["variants"][variant] = {
@@ -173,6 +284,8 @@ def write_report(
             if r.get("warm_start_val_metrics"):
                 entry["variants"][variant]["warm_start_val_accuracy"] = r["warm_start_val_metrics"].get("val/accuracy")
             reference = reference or r.get("tfidf_reference")
+            if variant == chosen and r.get("tfidf_reference"):
+                reference = r["tfidf_reference"]
             if r.get("warm_start_quality"):
                 w = r["warm_start_quality"]
                 entry["variants"][variant]["warm_start_alone"] = headline(w)
@@ -227,10 +340,56 @@ def write_report(
             f"{n} pairs); goal {'met' if goal else 'not met'} (excess {_f(e['bt_excess'], '+.3f')}, agreement "
             f"{e['rm_oracle_agreement']:.3f})."
         )
+    lines += paired_section(found, doc)
     md, js = out / "rm_quality.md", out / "rm_quality.json"
     md.write_text("\n".join(lines) + "\n")
     write_json_atomic(js, doc)
     return md, js
+
+
+def _delta(d: dict | None, is_first: bool) -> str:
+    return "–" if d is None or is_first else f"{d['delta']:+.3f} ± {d['se']:.3f} (n {d['n']:,})"
+
+
+def paired_section(found: dict[str, dict[str, dict]], doc: dict[str, Any]) -> list[str]:
+    """Each variant's oracle agreement minus the first variant's on the same pairs (measured with --common-from):
+    on the eval pairs past every validation slice and on the training pairs MADPO reads."""
+    lines: list[str] = []
+    for tier, results in found.items():
+        names = list(results)
+        if len(names) < 2 or "common_agreement_flags" not in results[names[0]]:
+            continue  # one variant, or no common pairs measured
+        first = results[names[0]]
+        start = first.get("common_from")
+        lines += [
+            "",
+            f"## {tier}: paired against `{names[0]}` (eval pairs from {start} on, and the training pairs)",
+            "",
+            "| variant | best step / last | agreement, eval pairs | Δ ± paired SE | agreement, training pairs | "
+            "Δ ± paired SE |",
+            "|---|---|---|---|---|---|",
+        ]
+        doc[tier]["paired"] = {}
+        for name in names:
+            r = results[name]
+            common = paired_difference(r.get("common_agreement_flags"), first.get("common_agreement_flags"))
+            train = paired_difference(r.get("train_agreement_flags"), first.get("train_agreement_flags"))
+            doc[tier]["paired"][name] = {"common": common, "train": train}
+            step = f"{_f(r.get('best_step'), 'd')} / {_f(r.get('global_step'), 'd')}"
+            lines.append(
+                f"| {name} | {step} | {_f((r.get('common_quality') or {}).get('oracle_agreement'))} | "
+                f"{_delta(common, name == names[0])} | {_f((r.get('train_quality') or {}).get('oracle_agreement'))} "
+                f"| {_delta(train, name == names[0])} |"
+            )
+        tfidf = first.get("common_tfidf_agreement_flags")
+        if tfidf is not None:
+            common = paired_difference(tfidf, first.get("common_agreement_flags"))
+            doc[tier]["paired"]["TF-IDF BT reference"] = {"common": common, "train": None}
+            lines.append(
+                f"| TF-IDF BT reference | – | {_f((first.get('common_tfidf_quality') or {}).get('oracle_agreement'))} "
+                f"| {_delta(common, False)} | – | – |"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
@@ -240,8 +399,15 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     cfg.validate()
     variants, tiers = _items(opts.variants), _items(opts.tiers)
     for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"rm_quality: unknown variant {v!r}; expected some of {list(VARIANTS)}")
+        variant_changes(v)  # an unknown name or field stops here, before anything trains
+    if opts.common_from is not None:
+        for v in variants:
+            n_val = variant_config(cfg, v).reward.n_val
+            if n_val is None or opts.common_from < n_val:
+                raise SystemExit(
+                    f"rm_quality: --common-from {opts.common_from} is inside variant {v!r}'s validation slice "
+                    f"(reward.n_val={n_val}), whose pairs chose its weights"
+                )
     for t in tiers:
         if t not in TIER_NAMES:
             raise SystemExit(f"rm_quality: unknown tier {t!r}; expected some of {list(TIER_NAMES)}")
@@ -256,11 +422,13 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     for variant in variants:
         vcfg = variant_config(cfg, variant)
         for tier in tiers:
-            spec = cell_spec(vcfg, None, kind="reward_model", tier=tier, variant=variant)
+            common = {} if opts.common_from is None else {"common_from": opts.common_from}
+            spec = cell_spec(vcfg, None, kind="reward_model", tier=tier, variant=variant, **common)
             record = store.get(spec)
             if record is None:
                 say(f"rm_quality: {variant} on {tier} (trained, or read from the stage cache)")
-                record = store.put(spec, run_cell(vcfg, tier), name=f"{variant}-{tier}")
+                name = variant.replace("=", "").replace("+", "_")
+                record = store.put(spec, run_cell(vcfg, tier, opts.common_from), name=f"{name}-{tier}")
             found[tier][variant] = record["result"]
             write_report(opts, argv, found, time.perf_counter() - start)
     md, js = write_report(opts, argv, found, time.perf_counter() - start)

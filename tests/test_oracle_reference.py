@@ -49,3 +49,18 @@ def test_tfidf_margins_are_the_reference_reports() -> None:
     ref = tfidf_bt_reference(train, val)
     assert ref == {**rm_quality(margins, gaps), "n_train": 60, "n_features": n_features}
     assert margins.shape == (30,) and np.isfinite(margins).all()
+
+
+def test_held_pairs_never_include_the_validation_slice(bench) -> None:
+    """The scored eval pairs start past the reward model's early-stopping slice; --held-from may only move later."""
+    from madpo.pipeline.config import PipelineConfig
+
+    cfg = PipelineConfig()
+    cfg.reward.n_val = 256
+    assert bench.held_start(cfg, None) == 256
+    assert bench.held_start(cfg, 1000) == 1000
+    with pytest.raises(SystemExit, match="inside the reward model's validation slice"):
+        bench.held_start(cfg, 255)
+    cfg.reward.n_val = None  # validated on every eval pair: none is held out
+    with pytest.raises(SystemExit, match="validated on every eval pair"):
+        bench.held_start(cfg, None)
