@@ -487,3 +487,23 @@ def test_the_margin_row_reads_the_madpo_cell_of_the_reward_records_build(reprodu
     reward = {"high": {"rm_val_accuracy": 0.605, "inputs": {"build": "A"}}}
     (row,) = [ln for ln in report._margin_sections(cells, ["high"], reward) if ln.startswith("| high")]
     assert "| 0.294 |" in row and "0.385" not in row
+
+
+def test_the_committed_paper_size_cells_of_the_256_pair_reward_model_are_found(
+    reproduce: ModuleType, tmp_path: Path
+) -> None:
+    """bench/results/paper_size/rm_val256/'s command still finds its committed cells and records after the config
+    moved to a 1,000-pair validation slice: only the cells never trained are pending (an edit that orphans the
+    stored high-tier cells fails here)."""
+    argv = ["-c", str(REPO / "configs" / "pipeline" / "paper_size.yaml"), "--reward.n_val", "256", "--methods"]
+    argv += ["dpo,madpo,ipo,beta_dpo,madpo_no_downweight,madpo_no_amplify,madpo_amp_only,madpo_reg_only"]
+    argv += ["--tiers", "high", "--seeds", "0,1,2,3", "--results-dir", str(tmp_path / "results"), "--pending"]
+    argv += ["--cells-dir", str(REPO / "bench" / "results" / "cells" / "paper_size")]
+    listed = reproduce.main(argv, pipeline=spy_pipeline)
+    never_trained = {"ipo-high-s0", "beta_dpo-high-s0", "madpo_no_downweight-high-s0", "madpo_no_amplify-high-s0"}
+    never_trained |= {"madpo_no_downweight-high-s3", "madpo_no_amplify-high-s3"}
+    assert listed["pending_records"] == []
+    pending = {
+        label.removeprefix("table: ").replace(" / seed ", "-s").replace(" / ", "-") for label in listed["pending_cells"]
+    }
+    assert pending == never_trained
