@@ -204,6 +204,9 @@ def test_pending_lists_what_is_missing_and_trains_nothing(
     keys = {line.rsplit(" ", 1)[1] for line in out.splitlines() if line.startswith("cell: ")}
     stored = {p.stem.rsplit("-", 1)[1] for p in (tmp_path / "cells").glob("*.json")}
     assert len(keys) == len(listed["pending_cells"]) and not keys & stored
+    # the fake cells store 1 s of policy and 1 s of evaluation each
+    assert listed["median_cell_seconds"] == 2.0
+    assert f"about {len(keys) * 2.0 / 3600:.1f} cell-hours are left" in out
 
 
 def test_max_cells_runs_that_many_and_the_report_says_what_is_left(reproduce: ModuleType, tmp_path: Path) -> None:
@@ -316,7 +319,9 @@ def test_the_committed_competitor_cells_are_found_by_the_sweeps_config(
         "--pending",
     ]
     listed = reproduce.main(argv, pipeline=spy_pipeline)
-    assert listed == {"pending_cells": [], "pending_records": []}, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert listed["pending_cells"] == [] and listed["pending_records"] == [], out
+    assert "cell-hours are left" not in out  # nothing is left to estimate
 
 
 def test_time_budget_starts_no_cell_that_cannot_finish(reproduce: ModuleType, tmp_path: Path) -> None:

@@ -130,7 +130,14 @@ def print_pending(records: Records, opts: argparse.Namespace, cfg: PipelineConfi
         print(f"cell: {p.label} {p.key}")
     total = len(unique_runs(planned)) + sum(p.spec is None for p in planned)
     print(f"{len(cells)} pending cells of {total} planned, {len(missing)} pending records")
-    return {"pending_cells": [p.label for p in cells], "pending_records": missing}
+    median = stored_seconds(records, [p for p in planned if p.spec is not None])
+    if median is not None and cells:
+        # a plan for the sessions left: the stored cells ran at their own thread counts, on their own machines
+        print(
+            f"the stored cells took a median {median / 60:.1f} min each (policy + evaluation): about "
+            f"{len(cells) * median / 3600:.1f} cell-hours are left"
+        )
+    return {"pending_cells": [p.label for p in cells], "pending_records": missing, "median_cell_seconds": median}
 
 
 def run_workers(
