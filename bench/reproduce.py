@@ -7,6 +7,8 @@ margin_target) or none (cDPO, rDPO, hinge), plus the two things the paper's tabl
     python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --methods dpo,madpo --tiers high --seeds 0
     python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --noise-matched      # + cDPO/rDPO at the oracle's ε
     python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --frontier --robustness --seeds 0
+    python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --no-table --frontier --frontier-grid 0.1 \
+        --frontier-method-grid dpo=0.05,0.1 --frontier-method-grid madpo=0.1,0.2   # a grid per method
     python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --jobs 2   # 2 worker processes x 1 thread each
     python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --pending  # what is left; trains nothing
     python bench/reproduce.py -c configs/pipeline/imdb_1k.yaml --max-cells 4   # 4 more cells, then the reports
@@ -18,8 +20,9 @@ and reward model) is stored in `--cells-dir` (bench/cellstore.py; commit the fil
 clone, skips what is stored, and when everything is stored the reports are rewritten without building a single
 pipeline stage. Upstream stages are shared with `python cli.py pipeline` on the same config. Every method gets the
 same hyperparameters (the config's `policy` section); only `method`, `tier` and `seed` vary (and β or lr on the
-frontier, the same grid for DPO and MADPO; margin noise in the robustness sweep, for MADPO only: DPO reads no
-margins; ε for the noise-matched cDPO / rDPO cells). The sweep itself lives in bench/sweep/.
+frontier, one grid for every method unless `--frontier-method-grid` gives one its own; margin noise in the robustness
+sweep, for MADPO only: DPO reads no margins; ε for the noise-matched cDPO / rDPO cells). The sweep itself lives in
+bench/sweep/.
 
 Writes `bench/results/imdb-offline.md` (+ `.json`), and with the options `reward_kl_frontier.png` / `.md` and
 `robustness.md` (+ `.json`).
@@ -41,7 +44,7 @@ if str(BENCH) not in sys.path:  # the bench modules import as siblings, whether 
     sys.path.insert(0, str(BENCH))
 
 from sweep.cells import Cell, aggregate, run_cell  # noqa: E402
-from sweep.plan import DEFAULT_METHODS, items, plan  # noqa: E402
+from sweep.plan import DEFAULT_METHODS, frontier_grids, items, plan  # noqa: E402
 from sweep.runner import sweep  # noqa: E402
 
 from madpo.pipeline.config import METHODS, TIER_NAMES  # noqa: E402
@@ -78,7 +81,14 @@ def bench_parser() -> argparse.ArgumentParser:
         help="comma-separated methods on the frontier; the report compares each with MADPO at matched KL",
     )
     p.add_argument("--frontier-knob", choices=("beta", "lr"), default="beta")
-    p.add_argument("--frontier-grid", default="0.05,0.1,0.2,0.5", help="values of the knob (the same for every method)")
+    p.add_argument("--frontier-grid", default="0.05,0.1,0.2,0.5", help="values of the knob for every frontier method")
+    p.add_argument(
+        "--frontier-method-grid",
+        action="append",
+        metavar="METHOD=V1,V2",
+        help="one method's own values instead (repeatable), e.g. dpo=0.025,0.05,0.1: at one β DPO stays closer to "
+        "the reference than MADPO, so matching KL takes smaller β for DPO or larger for MADPO",
+    )
     p.add_argument("--frontier-tier", default="high")
     p.add_argument("--robustness", action="store_true", help="MADPO vs DPO over reward-margin noise levels")
     p.add_argument("--noise-std", default="0,1,2,4", help="Gaussian margin noise σ levels")
@@ -130,6 +140,8 @@ def main(argv: list[str] | None = None, pipeline: Any = None) -> dict:
     for t in items(opts.tiers) + [opts.frontier_tier, opts.robustness_tier]:
         if t not in TIER_NAMES:
             raise SystemExit(f"unknown tier {t!r}; expected some of {list(TIER_NAMES)}")
+    if opts.frontier:
+        frontier_grids(opts)  # a malformed --frontier-method-grid fails here, before any stage runs
     if opts.max_cells is not None and opts.max_cells < 0:
         raise SystemExit(f"--max-cells {opts.max_cells}: must be >= 0")
     if opts.time_budget is not None and opts.time_budget <= 0:

@@ -292,6 +292,22 @@ def test_frontier_methods_are_planned_and_compared_at_matched_kl(reproduce: Modu
         reproduce.main(args(tmp_path, *extra[:-1], "dpo,nope"), pipeline=FakePipeline)
 
 
+def test_a_frontier_method_can_have_its_own_grid(reproduce: ModuleType, tmp_path: Path) -> None:
+    """`--frontier-method-grid` replaces one method's values and leaves the others on `--frontier-grid`; the cells
+    run value-major, so that two cells (`--max-cells 2`) give each method its first value."""
+    extra = ["--no-table", "--frontier", "--frontier-grid", "0.1", "--frontier-methods", "dpo,madpo"]
+    own = ["--frontier-method-grid", "dpo=0.05,0.1", "--frontier-method-grid", "madpo=0.2"]
+    reproduce.main(args(tmp_path, *extra, *own, "--seeds", "0", "--max-cells", "2"), pipeline=FakePipeline)
+    first = json.loads((tmp_path / "results" / "reward_kl_frontier.json").read_text())["cells"]
+    assert sorted((c["method"], c["extra"]["beta"]) for c in first) == [("dpo", 0.05), ("madpo", 0.2)]
+    reproduce.main(args(tmp_path, *extra, *own, "--seeds", "0"), pipeline=FakePipeline)
+    cells = json.loads((tmp_path / "results" / "reward_kl_frontier.json").read_text())["cells"]
+    assert sorted((c["method"], c["extra"]["beta"]) for c in cells) == [("dpo", 0.05), ("dpo", 0.1), ("madpo", 0.2)]
+    for bad in ("odpo=0.1", "dpo", "dpo="):  # not a frontier method, no '=', no values
+        with pytest.raises(SystemExit, match="--frontier-method-grid"):
+            reproduce.main(args(tmp_path, *extra, "--frontier-method-grid", bad), pipeline=FakePipeline)
+
+
 def test_the_committed_competitor_cells_are_found_by_the_sweeps_config(
     reproduce: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -130,10 +130,13 @@ def plan(
                 out += [matched_cell(m, t, s) for m in NOISE_MATCHED for s in seeds]
     if opts.frontier:
         knob = opts.frontier_knob
+        grids = frontier_grids(opts)
+        # value-major, so that a partial run (--max-cells, --jobs) covers every method at its first values
         out += [
-            cell("frontier", policy(method=m, tier=opts.frontier_tier, seed=s, **{knob: v}), **{knob: v})
-            for v in items(opts.frontier_grid, float)
-            for m in items(getattr(opts, "frontier_methods", "dpo,madpo"))
+            cell("frontier", policy(method=m, tier=opts.frontier_tier, seed=s, **{knob: grid[i]}), **{knob: grid[i]})
+            for i in range(max(map(len, grids.values())))
+            for m, grid in grids.items()
+            if i < len(grid)
             for s in seeds
         ]
     if opts.robustness:
@@ -151,6 +154,21 @@ def plan(
             for s in seeds
         ]
     return out
+
+
+def frontier_grids(opts: argparse.Namespace) -> dict[str, list[float]]:
+    """Each frontier method's knob values: `--frontier-grid`, or its own from `--frontier-method-grid METHOD=V,...`
+    (a method whose KL range lies elsewhere, as DPO's below MADPO's at the same β, needs other values to overlap)."""
+    grids = {m: items(opts.frontier_grid, float) for m in items(getattr(opts, "frontier_methods", "dpo,madpo"))}
+    for spec in getattr(opts, "frontier_method_grid", None) or []:
+        method, sep, values = spec.partition("=")
+        if not sep or method not in grids or not values:
+            raise SystemExit(
+                f"--frontier-method-grid {spec!r}: expected METHOD=V1,V2,... with METHOD one of the frontier methods "
+                f"{list(grids)}"
+            )
+        grids[method] = items(values, float)
+    return grids
 
 
 def _max(ctx: dict) -> dict:
