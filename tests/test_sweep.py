@@ -92,7 +92,11 @@ class FakePipeline:
     def policy(self, cfg: PolicyConfig) -> StageResult:
         label = policy_label(cfg)
         FakePipeline.calls.append(f"policy:{label}:{type(cfg.loss).__name__}")
-        return self._result("policy", label, {"margins": None})
+        metrics = {"train/loss_step": 0.9, "train/loss_epoch": 0.5, "train/loss": 0.5, "val/loss": 0.6}
+        if cfg.method == "beta_dpo":
+            metrics |= {"train/beta/effective_step": 0.3, "train/beta/effective_epoch": 0.125}
+            metrics |= {"train/beta/effective": 0.125, "train/beta_dpo/kept_epoch": 0.8, "train/beta_dpo/kept": 0.8}
+        return self._result("policy", label, {"margins": None, "metrics": metrics})
 
     def evaluate_model(self, model: StageResult) -> StageResult:
         seed = int(model.label.rsplit("-s", 1)[1][0])
@@ -180,6 +184,27 @@ def test_stored_cells_are_skipped(reproduce: ModuleType, tmp_path: Path) -> None
     assert len(list((tmp_path / "cells").glob("*.json"))) == 2 * 2 * 2 + 1 + 2
     FakePipeline.calls = []
     reproduce.main(args(tmp_path, "--methods", "dpo,cdpo"), pipeline=spy_pipeline)  # everything stored now
+
+
+def test_a_cell_keeps_its_runs_final_metrics_and_the_report_shows_beta_dpos_batch_beta(
+    reproduce: ModuleType, tmp_path: Path
+) -> None:
+    written = reproduce.main(args(tmp_path, "--methods", "dpo,beta_dpo", "--seeds", "0"), pipeline=FakePipeline)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "cells").glob("policy-*.json")]
+    metrics = {r["result"]["cell"]["method"]: r["result"]["cell"]["train_metrics"] for r in records}
+    # the last-epoch mean is kept under the plain name, one batch's value is dropped
+    assert metrics["dpo"] == {"train/loss": 0.5, "val/loss": 0.6}
+    assert metrics["beta_dpo"]["train/beta/effective"] == 0.125 and metrics["beta_dpo"]["train/beta_dpo/kept"] == 0.8
+    md = Path(written["table"]).read_text()
+    section = md.split("## β-DPO's batch β", 1)[1].split("\n## ", 1)[0]
+    assert "| high | 0 | 0.1250 | 0.80 |" in section and "| low | 0 | 0.1250 | 0.80 |" in section
+    # a cell stored before the metrics were kept reads back without them and leaves the section out
+    for p in (tmp_path / "cells").glob("policy-beta_dpo-*.json"):
+        record = json.loads(p.read_text())
+        del record["result"]["cell"]["train_metrics"]
+        p.write_text(json.dumps(record))
+    written = reproduce.main(args(tmp_path, "--methods", "dpo,beta_dpo", "--seeds", "0"), pipeline=spy_pipeline)
+    assert "## β-DPO's batch β" not in Path(written["table"]).read_text()
 
 
 def test_pending_lists_what_is_missing_and_trains_nothing(

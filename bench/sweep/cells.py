@@ -46,6 +46,9 @@ class Cell:
     extra: dict = dataclasses.field(default_factory=dict)
     inputs: dict | None = None
     """The `InputBuild` it was trained on (bench/sweep/builds.py); None for a cell stored before builds were."""
+    train_metrics: dict | None = None
+    """The policy run's last logged metrics (training ones as last-epoch means: beta-DPO's batch β and kept share,
+    MADPO's weight range, the implicit rewards); None for a cell stored before they were kept."""
 
 
 def run_cell(pipe: Pipeline, policy: PolicyConfig, inputs: InputBuild | None = None, **extra: Any) -> Cell:
@@ -71,7 +74,15 @@ def run_cell(pipe: Pipeline, policy: PolicyConfig, inputs: InputBuild | None = N
         margins=policy_stage.stats.get("margins"),
         extra=extra,
         inputs=inputs.to_dict() if inputs is not None else None,
+        train_metrics=run_metrics(policy_stage.stats.get("metrics", {})),
     )
+
+
+def run_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A run's final metrics without the per-step duplicates: `train/x_epoch` is kept as `train/x` (the mean over
+    the last epoch), `train/x_step` (one batch's value) is dropped."""
+    kept = {k: v for k, v in metrics.items() if not k.endswith("_step") and f"{k}_epoch" not in metrics}
+    return {k.removesuffix("_epoch"): v for k, v in sorted(kept.items())}
 
 
 def aggregate(cells: list[Cell]) -> dict:

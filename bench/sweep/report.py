@@ -161,6 +161,7 @@ def main_table(
             "for the two methods, not a setting one could pick.",
         ]
     lines += _baseline_sections(agg, tiers)
+    lines += _beta_dpo_section(cells)
     lines += margin_best_section(cells, tiers)
     lines += _margin_sections(cells, tiers, reward_ctx)
     lines += _decomposition(cfg, cells, methods, tiers)
@@ -221,6 +222,35 @@ def _baseline_sections(agg: dict, tiers: list[str]) -> list[str]:
     lines += [
         "",
         "A difference is 'resolved' when it exceeds 1.96·√(SE₁² + SE₂²) (SEs over seeds when there are several).",
+    ]
+    return lines
+
+
+def _beta_dpo_section(cells: list[Cell]) -> list[str]:
+    """What β-DPO's adaptation did in each of its cells: the batch β and kept share it trained with (last-epoch means,
+    from the cell's `train_metrics`; cells stored before those were kept are left out)."""
+    rows = [c for c in cells if c.method == "beta_dpo" and "train/beta/effective" in (c.train_metrics or {})]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## β-DPO's batch β",
+        "",
+        "| tier | seed | β_batch | kept share | gap EMA μ / s | reward ± SE | KL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in sorted(rows, key=lambda c: (TIER_NAMES.index(c.tier), c.seed)):
+        m = c.train_metrics or {}
+        lines.append(
+            f"| {c.tier} | {c.seed} | {m['train/beta/effective']:.4f} | {m.get('train/beta_dpo/kept', math.nan):.2f} "
+            f"| {m.get('train/beta_dpo/gap_mean', math.nan):.2f} / {m.get('train/beta_dpo/gap_std', math.nan):.2f} "
+            f"| {c.mean:.3f} ± {c.se:.3f} | {c.kl:.2f} |"
+        )
+    lines += [
+        "",
+        "Means over each run's last epoch. β_batch = β0·(1 + α·(mean kept gap − μ)) per optimiser step, where the gap "
+        "is the implicit margin h (not β-scaled) and μ, s its EMAs; a β_batch above β0 holds the policy closer to "
+        "the reference (docs/method.md).",
     ]
     return lines
 
