@@ -435,6 +435,28 @@ def test_each_cell_records_its_input_build_and_a_rebuild_gets_its_own_records(
     assert sweep.cells.paired_difference(by["madpo"], moved)["n"] == 1  # seed 1's DPO is on another build now
 
 
+def test_a_reward_model_retrained_with_other_margins_on_the_same_build_is_refused(
+    reproduce: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SFT model and pairs rebuilt bit for bit, the reward model not (another thread count): MADPO cells would be
+    stored beside the first model's diagnostics and averaged with cells that read other margins. The sweep stops
+    before training any; DPO cells, which read no margins, still run."""
+    reproduce.main(args(tmp_path, "--methods", "dpo,madpo", "--seeds", "0"), pipeline=FakePipeline)
+    n_stored = len(list((tmp_path / "cells").glob("*.json")))
+    same = FakePipeline.train_margins
+    monkeypatch.setattr(FakePipeline, "train_margins", lambda self, tier: same(self, tier) + 1e-7)
+    FakePipeline.calls = []
+    with pytest.raises(SystemExit, match="high reward model's margins here .* differ from those of the stored"):
+        reproduce.main(args(tmp_path, "--methods", "dpo,madpo"), pipeline=FakePipeline)
+    assert trained(FakePipeline.calls) == [] and len(list((tmp_path / "cells").glob("*.json"))) == n_stored
+    reproduce.main(args(tmp_path, "--methods", "dpo"), pipeline=FakePipeline)
+    assert len(trained(FakePipeline.calls)) == 2  # seed 1 on both tiers
+    monkeypatch.setattr(FakePipeline, "train_margins", same)
+    FakePipeline.calls = []
+    reproduce.main(args(tmp_path, "--methods", "dpo,madpo"), pipeline=FakePipeline)
+    assert len(trained(FakePipeline.calls)) == 2  # the same margins again: MADPO seed 1 runs
+
+
 def test_cells_and_records_stored_before_builds_count_as_one_unrecorded_build(
     reproduce: ModuleType, tmp_path: Path
 ) -> None:

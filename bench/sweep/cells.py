@@ -302,6 +302,26 @@ class Records:
                 f"{_compare(first['result'], ours)}"
             )
 
+    def check_margins(self, tiers: set[str]) -> None:
+        """Before margin-reading cells of `tiers` run here: refuse when this machine's margins differ from those its
+        build's stored reward record was computed from. The SFT model and pairs can be rebuilt bit for bit while the
+        reward model is not (its thread count is enough), and the new cells would then be reported beside another
+        model's diagnostics and averaged with cells that read other margins."""
+        build = self.shared_build()
+        for t in sorted(tiers):
+            first = self.store.get(reward_spec(self.cfg, t))
+            record = first if first is None or build_of(first["result"]) == build else None
+            record = record or self.store.get(reward_spec(self.cfg, t, build=build))
+            stored = ((record or {}).get("result", {}).get("inputs") or {}).get("margins")
+            here = self.inputs(t, needs_reward_model=True).margins
+            if stored is not None and stored != here:
+                raise SystemExit(
+                    f"bench: the {t} reward model's margins here (digest {here}) differ from those of the stored "
+                    f"reward record of build {build} ({stored}): its cells would not pair with the stored ones. "
+                    f"Move runs/.../reward-{t}-* aside and retrain it as the stored one was (the thread count is "
+                    "part of a build: see the README), or run these cells under another --cells-dir"
+                )
+
     def context_builds(self, pairs_tiers: list[str], reward_tiers: list[str], sft: bool) -> dict[str, dict]:
         """Every stored build's records, from the store alone: {build: {'pairs': {tier: record}, 'reward': {tier:
         record}, 'sft': record}}, the first stored build first."""

@@ -207,6 +207,7 @@ def sweep(
     if todo:
         # this machine's input build: its own records where the stored ones were computed on another build
         records.record_build(list(pairs), list(reward), sft=not opts.no_table)
+        records.check_margins({p.policy.tier for p in todo if p.policy.needs_reward_model})
     if todo and opts.jobs > 1:
         # the reward models first, here, so that no two workers train the same one
         for tier in sorted({p.policy.tier for p in todo if p.policy.needs_reward_model}):
