@@ -87,7 +87,7 @@ def test_policy_config_fits_and_logs(config, reward_model_dir, tmp_path):
     expected = ["loss"] if config == "sft.yaml" else list(POLICY_METRICS)
     expected += {
         "madpo.yaml": ["madpo/weight_mean", "madpo/weight_min", "madpo/weight_max", "rm/margin_mean"],
-        "beta_dpo.yaml": ["beta/effective", "beta_dpo/kept"],
+        "beta_dpo.yaml": ["beta/effective", "beta_dpo/kept", "beta_dpo/clamped"],
     }.get(config, [])
     for name in expected:
         assert f"train/{name}_step" in tags or f"train/{name}" in tags, name

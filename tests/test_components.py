@@ -88,6 +88,7 @@ def test_beta_dpo_loss_equals_beta_dpo_and_keeps_its_state_in_buffers() -> None:
         assert torch.equal(out.losses, expected.losses), step
         assert torch.equal(out.metrics["beta_dpo/kept"], expected.mask.float())
         assert torch.equal(out.scalars["beta/effective"], expected.beta)
+        assert torch.equal(out.scalars["beta_dpo/clamped"], expected.clamped)
     assert set(loss.state_dict()) == {"gap_mean", "gap_std", "step"} and int(loss.step) == 3
     loss(policy, ref, batch, LossContext(stage="val"))
     assert int(loss.step) == 3  # evaluation reads the EMA only

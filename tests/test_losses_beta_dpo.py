@@ -55,12 +55,13 @@ def test_beta_dpo_ema_after_one_and_two_steps() -> None:
     assert out2.beta.item() == pytest.approx(beta2, rel=1e-6)
     assert_close(out2.losses, losses2, rtol=1e-6, atol=1e-9)
     assert not out2.beta.requires_grad
+    assert out1.clamped.item() == out2.clamped.item() == 0.0  # above the floor: not counted as clamped
 
 
 def test_beta_dpo_clamps_beta_at_min_beta() -> None:
     a = [-10.0, -10.5, -9.5, -10.0, -11.0, -9.0, -10.25, -9.75]  # mean_kept ~ -10, mu ~ -1: 1 + 0.6 * (-9) < 0
     out = BetaDPO(min_beta=1e-3)(*pairs(a))
-    assert out.beta.item() == 1e-3
+    assert out.beta.item() == 1e-3 and out.clamped.item() == 1.0
     _, losses = expected_beta_dpo(a, out.mask.tolist(), 0.1 * statistics.fmean(a))
     assert_close(out.losses, losses, rtol=1e-6, atol=1e-9)
 

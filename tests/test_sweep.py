@@ -96,6 +96,7 @@ class FakePipeline:
         if cfg.method == "beta_dpo":
             metrics |= {"train/beta/effective_step": 0.3, "train/beta/effective_epoch": 0.125}
             metrics |= {"train/beta/effective": 0.125, "train/beta_dpo/kept_epoch": 0.8, "train/beta_dpo/kept": 0.8}
+            metrics |= {"train/beta_dpo/clamped_epoch": 0.25, "train/beta_dpo/clamped": 0.25}
         return self._result("policy", label, {"margins": None, "metrics": metrics})
 
     def evaluate_model(self, model: StageResult) -> StageResult:
@@ -197,7 +198,7 @@ def test_a_cell_keeps_its_runs_final_metrics_and_the_report_shows_beta_dpos_batc
     assert metrics["beta_dpo"]["train/beta/effective"] == 0.125 and metrics["beta_dpo"]["train/beta_dpo/kept"] == 0.8
     md = Path(written["table"]).read_text()
     section = md.split("## β-DPO's batch β", 1)[1].split("\n## ", 1)[0]
-    assert "| high | 0 | 0.1250 | 0.80 |" in section and "| low | 0 | 0.1250 | 0.80 |" in section
+    assert "| high | 0 | 0.1250 | 25% | 0.80 |" in section and "| low | 0 | 0.1250 | 25% | 0.80 |" in section
     # a cell stored before the metrics were kept reads back without them and leaves the section out
     for p in (tmp_path / "cells").glob("policy-beta_dpo-*.json"):
         record = json.loads(p.read_text())

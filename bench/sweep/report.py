@@ -236,21 +236,24 @@ def _beta_dpo_section(cells: list[Cell]) -> list[str]:
         "",
         "## β-DPO's batch β",
         "",
-        "| tier | seed | β_batch | kept share | gap EMA μ / s | reward ± SE | KL |",
-        "|---|---|---|---|---|---|---|",
+        "| tier | seed | β_batch | steps at the floor | kept share | gap EMA μ / s | reward ± SE | KL |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in sorted(rows, key=lambda c: (TIER_NAMES.index(c.tier), c.seed)):
         m = c.train_metrics or {}
+        floor = f"{m['train/beta_dpo/clamped']:.0%}" if "train/beta_dpo/clamped" in m else "–"
         lines.append(
-            f"| {c.tier} | {c.seed} | {m['train/beta/effective']:.4f} | {m.get('train/beta_dpo/kept', math.nan):.2f} "
+            f"| {c.tier} | {c.seed} | {m['train/beta/effective']:.4f} | {floor} "
+            f"| {m.get('train/beta_dpo/kept', math.nan):.2f} "
             f"| {m.get('train/beta_dpo/gap_mean', math.nan):.2f} / {m.get('train/beta_dpo/gap_std', math.nan):.2f} "
             f"| {c.mean:.3f} ± {c.se:.3f} | {c.kl:.2f} |"
         )
     lines += [
         "",
-        "Means over each run's last epoch. β_batch = β0·(1 + α·(mean kept gap − μ)) per optimiser step, where the gap "
-        "is the implicit margin h (not β-scaled) and μ, s its EMAs; a β_batch above β0 holds the policy closer to "
-        "the reference (docs/method.md).",
+        "Means over each run's last epoch. β_batch = max(β_min, β0·(1 + α·(mean kept gap − μ))) per optimiser step, "
+        "where the gap is the implicit margin h (not β-scaled) and μ, s its EMAs; a β_batch above β0 holds the policy "
+        "closer to the reference, and a step at the floor β_min barely trains (docs/method.md). '–': the cell was "
+        "stored before the floor was logged.",
     ]
     return lines
 

@@ -22,6 +22,7 @@ class BetaDPOOutput:
     gap_mean: Tensor  # 0-dim, EMA mu used for this batch
     gap_std: Tensor  # 0-dim, EMA s used for this batch
     kept_fraction: Tensor  # 0-dim, N_kept / N_global
+    clamped: Tensor  # 0-dim, 1.0 when beta_batch was raised to min_beta, else 0.0
 
 
 @dataclass
@@ -34,6 +35,7 @@ class BetaDPOSelection:
     gap_std: Tensor  # 0-dim EMA s used
     n: int  # pairs in the global batch
     n_kept: int  # pairs kept
+    clamped: bool = False  # beta_batch was raised to min_beta (eq. (11)'s floor)
 
 
 class BetaDPO(torch.nn.Module):
@@ -134,6 +136,7 @@ class BetaDPO(torch.nn.Module):
             gap_mean=selection.gap_mean.to(device=h.device, dtype=dtype),
             gap_std=selection.gap_std.to(device=h.device, dtype=dtype),
             kept_fraction=torch.tensor(selection.n_kept / selection.n, device=h.device, dtype=dtype),
+            clamped=torch.tensor(float(selection.clamped), device=h.device, dtype=dtype),
         )
 
     def select(
@@ -192,8 +195,9 @@ class BetaDPO(torch.nn.Module):
         mask_global[order[idx]] = True
 
         # 4. batch beta from the kept gaps, clamped and detached
-        beta_batch = self.beta0 * (1 + self.alpha * (a[kept_sorted].mean() - mu))
-        beta_batch = beta_batch.clamp(min=self.min_beta)
+        raw_beta = self.beta0 * (1 + self.alpha * (a[kept_sorted].mean() - mu))
+        beta_batch = raw_beta.clamp(min=self.min_beta)
 
         mask = mask_global[rank * b : (rank + 1) * b]
-        return BetaDPOSelection(mask=mask, beta=beta_batch, gap_mean=mu, gap_std=s, n=n, n_kept=n_kept)
+        clamped = bool(raw_beta < self.min_beta)
+        return BetaDPOSelection(mask=mask, beta=beta_batch, gap_mean=mu, gap_std=s, n=n, n_kept=n_kept, clamped=clamped)

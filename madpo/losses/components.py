@@ -390,11 +390,15 @@ class BetaDPOLoss(BetaDPO, PreferenceLoss):
             beta_t, gap_mean, gap_std = (
                 x.to(losses.device, losses.dtype) for x in (sel.beta, sel.gap_mean, sel.gap_std)
             )
+            clamped = torch.tensor(float(sel.clamped), device=losses.device, dtype=losses.dtype)
         else:
             out = BetaDPO.forward(self, *args, all_gather=ctx.gather, rank=ctx.rank, order_key=batch["index"])
             losses, mask, beta_t, gap_mean, gap_std = out.losses, out.mask, out.beta, out.gap_mean, out.gap_std
+            clamped = out.clamped
         metrics = {"beta_dpo/kept": mask.float(), **pair_metrics(self.beta, policy, reference)}
+        # beta_dpo/clamped: its epoch mean is the share of steps whose beta_batch sat at the floor min_beta
         scalars = {"beta/effective": beta_t, "beta_dpo/gap_mean": gap_mean, "beta_dpo/gap_std": gap_std}
+        scalars["beta_dpo/clamped"] = clamped
         return LossOutput(losses, metrics, scalars, loss=loss)
 
     def _step_selection(self, index: Tensor, ctx: LossContext) -> tuple[dict[int, bool], BetaDPOSelection]:
