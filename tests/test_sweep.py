@@ -576,3 +576,40 @@ def test_the_committed_paper_size_cells_of_the_256_pair_reward_model_are_found(
         label.removeprefix("table: ").replace(" / seed ", "-s").replace(" / ", "-") for label in listed["pending_cells"]
     }
     assert pending == never_trained
+
+
+def test_each_declared_same_content_build_has_the_same_committed_records(reproduce: ModuleType) -> None:
+    """An old build hash may stand for a later one (`SAME_CONTENT`) only where the committed records of both builds
+    agree: the pairs (count, label noise, mean oracle gap to the oracle's float noise), the SFT evaluation and the
+    reward-model margins. A declared pair without that evidence, or with records that differ, fails here."""
+    import sweep.builds
+    import sweep.cells
+
+    cells_dir = REPO / "bench" / "results" / "cells" / "paper_size"
+    records: dict[str, list[tuple[str, dict]]] = {}
+    for path in cells_dir.glob("*.json"):
+        kind = path.name.split("-", 1)[0]
+        if kind in ("sft_eval", "pairs_context", "reward_context") or kind.startswith("policy"):
+            result = json.loads(path.read_text())["result"]
+            result = result.get("cell", result)
+            build = (result.get("inputs") or {}).get("build")
+            if build is not None:
+                records.setdefault(build, []).append((path.name, result))
+    assert sweep.builds.SAME_CONTENT
+    for old, new in sweep.builds.SAME_CONTENT.items():
+        assert old in records and new in records, (old, new)
+        for kind in ("sft_eval", "pairs_context-high"):
+            (a,) = [r for name, r in records[old] if name.startswith(kind)]
+            (b,) = [r for name, r in records[new] if name.startswith(kind)]
+            if kind == "sft_eval":
+                assert a["reward"]["mean"] == pytest.approx(b["reward"]["mean"], rel=1e-12, abs=0)
+            else:
+                assert (a["n_train"], a["frac_disagree"]) == (b["n_train"], b["frac_disagree"])
+                assert a["mean_abs_oracle_gap"] == pytest.approx(b["mean_abs_oracle_gap"], rel=1e-12, abs=0)
+        margins = {r["inputs"]["margins"] for _, r in records[old] if r.get("method") == "madpo"}
+        margins_new = {r["inputs"]["margins"] for _, r in records[new] if r.get("method") == "madpo"}
+        assert margins & margins_new  # a MADPO cell of each build read the same reward-model margins
+        cell = sweep.cells.Cell(**next(r for _, r in records[old] if "method" in r))
+        assert sweep.builds.build_of(cell) == new
+        text = "\n".join(sweep.builds.builds_section([cell, dataclasses.replace(cell, inputs=None)], {}))
+        assert f"stored with build `{old}`" in text and f"listed under `{new}`" in text
