@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from madpo.data import PreferenceDataModule
-from madpo.losses import BetaDPOLoss, SFTLoss
+from madpo.losses import BetaDPOLoss, MADPORepoBetaDPOLoss, SFTLoss
 from madpo.modules import PolicyLightningModule
 from madpo.modules.base import OptimizerOptions
 from tests.conftest import DATA, TINY_LLAMA
 
 STEPS = 3
 
-LOSSES = {"sft": SFTLoss, "beta_dpo": BetaDPOLoss}
+LOSSES = {"sft": SFTLoss, "beta_dpo": BetaDPOLoss, "beta_dpo_madpo_repo": MADPORepoBetaDPOLoss}
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _run(loss: str, pairs, cache, *, batch_size: int, accumulate: int, pad_to: i
     return Run(grads.grads, module)
 
 
-@pytest.mark.parametrize("loss", ["sft", "beta_dpo"])
+@pytest.mark.parametrize("loss", list(LOSSES))
 def test_two_micro_batches_of_b_equal_one_batch_of_2b(loss, pairs, tmp_path) -> None:
     whole = _run(loss, pairs, tmp_path, batch_size=4, accumulate=1)
     padded = _run(loss, pairs, tmp_path, batch_size=4, accumulate=1, pad_to=64)
@@ -86,7 +86,7 @@ def test_two_micro_batches_of_b_equal_one_batch_of_2b(loss, pairs, tmp_path) -> 
         diff = (g_whole - g_split).abs().max().item()
         # a wrong normalisation or a per-micro-batch β/mask moves the gradient by percents of its scale
         assert diff <= 10 * floor + 1e-7 * scale, (step, diff, floor, scale)
-    if loss == "beta_dpo":
+    if loss.startswith("beta_dpo"):
         a, b = whole.module.loss, split.module.loss
         assert int(a.step) == int(b.step) == STEPS  # one EMA update per optimiser step, not per micro-batch
         # the EMAs average gaps that are near rounding at these steps (the mean gap is ~1 % of its spread), and

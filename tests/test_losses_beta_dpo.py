@@ -266,3 +266,72 @@ def test_beta_dpo_order_key_makes_the_mask_independent_of_rank_layout() -> None:
         out = twin(pc[rows], pr[rows], rc[rows], rr[rows], all_gather=gather, rank=rank, order_key=keys[rows])
         assert out.mask.tolist() == out_single.mask[rows].tolist()
         torch.testing.assert_close(out.beta, out_single.beta, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the MADPO repository's variant (docs/method.md, "The MADPO repository's β-DPO")
+
+
+def expected_repo_step(
+    h: list[float], mask: list[bool], center: float, scale: float, beta0: float = 0.1, alpha: float = 0.6
+) -> tuple[float, float, float, list[float]]:
+    """One step from EMAs (center, scale): M = beta0 h; center, scale updated first (scale on std + 1e-6); beta from
+    the mean of all M, unclamped; l_i = mask_i (N / N_kept) (-log sigma(beta h_i))."""
+    m = [beta0 * x for x in h]
+    center = 0.9 * center + 0.1 * statistics.fmean(m)
+    scale = 0.9 * scale + 0.1 * (statistics.stdev(m) + 1e-6)
+    beta = beta0 * (1 + alpha * (statistics.fmean(m) - center))
+    n_kept = sum(mask)
+    losses = [(len(h) / n_kept) * -log_sigmoid(beta * x) if k else 0.0 for x, k in zip(h, mask, strict=True)]
+    return center, scale, beta, losses
+
+
+def test_madpo_repo_variant_two_steps_against_the_hand_computed_update() -> None:
+    mod = BetaDPO(variant="madpo_repo")
+    assert mod.gap_mean.item() == 0.0 and mod.gap_std.item() == 1.0  # EMAs start at (0, 1)
+    center, scale = 0.0, 1.0
+    for h in (A1, A2):
+        out = mod(*pairs(h))
+        mask = out.mask.tolist()
+        assert sum(mask) == 6
+        center, scale, beta, losses = expected_repo_step(h, mask, center, scale)
+        assert out.gap_mean.item() == pytest.approx(center, rel=1e-6)
+        assert out.gap_std.item() == pytest.approx(scale, rel=1e-6)
+        assert out.beta.item() == pytest.approx(beta, rel=1e-6)
+        assert_close(out.losses, losses, rtol=1e-6, atol=1e-9)
+        # beta comes from all pairs, not the kept ones as in the official code (which would give another value here)
+        kept_mean = statistics.fmean(0.1 * x for x, k in zip(h, mask, strict=True) if k)
+        assert abs(0.1 * (1 + 0.6 * (kept_mean - center)) - beta) > 1e-4
+    assert int(mod.step) == 2
+
+
+def test_madpo_repo_variant_lets_beta_go_negative_and_counts_the_step() -> None:
+    h = [-30.0, -31.0, -29.0, -30.5, -29.5, -30.0, -28.0, -32.0]  # mean M = -3, center -0.3: 1 + 0.6 (-2.7) < 0
+    out = BetaDPO(variant="madpo_repo")(*pairs(h))
+    _, _, beta, losses = expected_repo_step(h, out.mask.tolist(), 0.0, 1.0)
+    assert beta < 0 and out.beta.item() == pytest.approx(beta, rel=1e-6) and out.clamped.item() == 1.0
+    assert_close(out.losses, losses, rtol=1e-6, atol=1e-9)
+    official = BetaDPO()(*pairs(h))
+    assert official.beta.item() == 1e-3 and official.clamped.item() == 1.0
+
+
+def test_madpo_repo_variant_filters_out_a_far_gap() -> None:
+    mod = BetaDPO(variant="madpo_repo", rho=0.2)
+    h = [0.0, 1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 1.5, -1.5, 500.0]
+    for _ in range(30):
+        out = mod(*pairs(h))
+    assert not out.mask[-1]
+
+
+def test_the_madpo_repo_loss_is_a_preset_with_beta_dpos_options() -> None:
+    from madpo.losses import BetaDPOLoss, MADPORepoBetaDPOLoss
+    from madpo.pipeline.presets import method_name, preset_loss
+
+    repo, official = preset_loss("beta_dpo_madpo_repo"), preset_loss("beta_dpo")
+    assert type(repo) is MADPORepoBetaDPOLoss and repo.variant == "madpo_repo"
+    assert type(official) is BetaDPOLoss and official.variant == "official"
+    # same options: a cached official beta-DPO run keeps its key; the class tells the two apart
+    assert repo.init_args() == official.init_args()
+    assert method_name(repo) == "beta_dpo_madpo_repo" and method_name(official) == "beta_dpo"
+    with pytest.raises(ValueError, match="variant"):
+        BetaDPO(variant="paper")

@@ -93,7 +93,7 @@ class FakePipeline:
         label = policy_label(cfg)
         FakePipeline.calls.append(f"policy:{label}:{type(cfg.loss).__name__}")
         metrics = {"train/loss_step": 0.9, "train/loss_epoch": 0.5, "train/loss": 0.5, "val/loss": 0.6}
-        if cfg.method == "beta_dpo":
+        if cfg.method in ("beta_dpo", "beta_dpo_madpo_repo"):
             metrics |= {"train/beta/effective_step": 0.3, "train/beta/effective_epoch": 0.125}
             metrics |= {"train/beta/effective": 0.125, "train/beta_dpo/kept_epoch": 0.8, "train/beta_dpo/kept": 0.8}
             metrics |= {"train/beta_dpo/clamped_epoch": 0.25, "train/beta_dpo/clamped": 0.25}
@@ -190,7 +190,9 @@ def test_stored_cells_are_skipped(reproduce: ModuleType, tmp_path: Path) -> None
 def test_a_cell_keeps_its_runs_final_metrics_and_the_report_shows_beta_dpos_batch_beta(
     reproduce: ModuleType, tmp_path: Path
 ) -> None:
-    written = reproduce.main(args(tmp_path, "--methods", "dpo,beta_dpo", "--seeds", "0"), pipeline=FakePipeline)
+    methods = "dpo,beta_dpo,beta_dpo_madpo_repo"
+    written = reproduce.main(args(tmp_path, "--methods", methods, "--seeds", "0"), pipeline=FakePipeline)
+    assert "policy:policy-beta_dpo_madpo_repo-high-s0:MADPORepoBetaDPOLoss" in FakePipeline.calls
     records = [json.loads(p.read_text()) for p in (tmp_path / "cells").glob("policy-*.json")]
     metrics = {r["result"]["cell"]["method"]: r["result"]["cell"]["train_metrics"] for r in records}
     # the last-epoch mean is kept under the plain name, one batch's value is dropped
@@ -198,13 +200,17 @@ def test_a_cell_keeps_its_runs_final_metrics_and_the_report_shows_beta_dpos_batc
     assert metrics["beta_dpo"]["train/beta/effective"] == 0.125 and metrics["beta_dpo"]["train/beta_dpo/kept"] == 0.8
     md = Path(written["table"]).read_text()
     section = md.split("## β-DPO's batch β", 1)[1].split("\n## ", 1)[0]
-    assert "| high | 0 | 0.1250 | 25% | 0.80 |" in section and "| low | 0 | 0.1250 | 25% | 0.80 |" in section
+    assert "| beta_dpo | high | 0 | 0.1250 | 25% | 0.80 |" in section
+    assert "| beta_dpo | low | 0 | 0.1250 | 25% | 0.80 |" in section
+    assert "| beta_dpo_madpo_repo | low | 0 | 0.1250 | 25% | 0.80 |" in section
+    # the paper's β-DPO row stands beside both variants
+    (repo_row,) = [ln for ln in md.splitlines() if ln.startswith("| beta_dpo_madpo_repo |") and "1.76" in ln]
     # a cell stored before the metrics were kept reads back without them and leaves the section out
-    for p in (tmp_path / "cells").glob("policy-beta_dpo-*.json"):
+    for p in (tmp_path / "cells").glob("policy-beta_dpo*.json"):
         record = json.loads(p.read_text())
         del record["result"]["cell"]["train_metrics"]
         p.write_text(json.dumps(record))
-    written = reproduce.main(args(tmp_path, "--methods", "dpo,beta_dpo", "--seeds", "0"), pipeline=spy_pipeline)
+    written = reproduce.main(args(tmp_path, "--methods", methods, "--seeds", "0"), pipeline=spy_pipeline)
     assert "## β-DPO's batch β" not in Path(written["table"]).read_text()
 
 

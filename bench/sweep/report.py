@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent.parent
 PAPER: dict[str, dict[str, float]] = {
     "madpo": {"high": 2.23, "medium": 2.23, "low": 1.95},
     "beta_dpo": {"high": 1.67, "medium": 1.84, "low": 1.76},
+    # the paper's β-DPO row was made by the MADPO repository's variant of β-DPO
+    "beta_dpo_madpo_repo": {"high": 1.67, "medium": 1.84, "low": 1.76},
     "dpo": {"high": 1.62, "medium": 1.71, "low": 1.48},
     "ipo": {"high": 0.35, "medium": 0.31, "low": 0.10},
     "madpo_amp_only": {"high": 2.19, "medium": 2.23, "low": 2.00},
@@ -227,33 +229,36 @@ def _baseline_sections(agg: dict, tiers: list[str]) -> list[str]:
 
 
 def _beta_dpo_section(cells: list[Cell]) -> list[str]:
-    """What β-DPO's adaptation did in each of its cells: the batch β and kept share it trained with (last-epoch means,
-    from the cell's `train_metrics`; cells stored before those were kept are left out)."""
-    rows = [c for c in cells if c.method == "beta_dpo" and "train/beta/effective" in (c.train_metrics or {})]
+    """What β-DPO's adaptation did in each of its cells (both variants): the batch β and kept share it trained with
+    (last-epoch means, from the cell's `train_metrics`; cells stored before those were kept are left out)."""
+    variants = ("beta_dpo", "beta_dpo_madpo_repo")
+    rows = [c for c in cells if c.method in variants and "train/beta/effective" in (c.train_metrics or {})]
     if not rows:
         return []
     lines = [
         "",
         "## β-DPO's batch β",
         "",
-        "| tier | seed | β_batch | steps at the floor | kept share | gap EMA μ / s | reward ± SE | KL |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | tier | seed | β_batch | steps below the floor | kept share | gap EMA μ / s | reward ± SE | KL |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in sorted(rows, key=lambda c: (TIER_NAMES.index(c.tier), c.seed)):
+    for c in sorted(rows, key=lambda c: (variants.index(c.method), TIER_NAMES.index(c.tier), c.seed)):
         m = c.train_metrics or {}
         floor = f"{m['train/beta_dpo/clamped']:.0%}" if "train/beta_dpo/clamped" in m else "–"
         lines.append(
-            f"| {c.tier} | {c.seed} | {m['train/beta/effective']:.4f} | {floor} "
+            f"| {c.method} | {c.tier} | {c.seed} | {m['train/beta/effective']:.4f} | {floor} "
             f"| {m.get('train/beta_dpo/kept', math.nan):.2f} "
             f"| {m.get('train/beta_dpo/gap_mean', math.nan):.2f} / {m.get('train/beta_dpo/gap_std', math.nan):.2f} "
             f"| {c.mean:.3f} ± {c.se:.3f} | {c.kl:.2f} |"
         )
     lines += [
         "",
-        "Means over each run's last epoch. β_batch = max(β_min, β0·(1 + α·(mean kept gap − μ))) per optimiser step, "
-        "where the gap is the implicit margin h (not β-scaled) and μ, s its EMAs; a β_batch above β0 holds the policy "
-        "closer to the reference, and a step at the floor β_min barely trains (docs/method.md). '–': the cell was "
-        "stored before the floor was logged.",
+        "Means over each run's last epoch. `beta_dpo` (the official code): β_batch = max(β_min, β0·(1 + α·(mean kept "
+        "gap − μ))) per optimiser step, where the gap is the implicit margin h (not β-scaled) and μ, s its EMAs; a "
+        "step at the floor β_min barely trains. `beta_dpo_madpo_repo` (the MADPO repository's, behind the paper's "
+        "β-DPO row): the gap is β0·h, β_batch = β0·(1 + α·(mean gap − μ)) over all pairs and is not clamped, so "
+        "'below the floor' counts steps with β_batch < β_min, negative ones included (docs/method.md). A β_batch "
+        "above β0 holds the policy closer to the reference. '–': the cell was stored before the floor was logged.",
     ]
     return lines
 

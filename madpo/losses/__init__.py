@@ -3,7 +3,7 @@
 - `madpo.losses.functional`: the pure per-pair functions, each beside its equation.
 - `madpo.losses.beta_dpo`: the stateful beta-DPO module (EMA buffers, rank-identical filter).
 - `madpo.losses.components`: `PreferenceLoss` and the policy's objectives built on the above (`SFTLoss`, `DPOLoss`,
-  `IPOLoss`, `BetaDPOLoss`, `MADPOLoss`), picked in YAML by `class_path: madpo.losses.<Name>`.
+  `IPOLoss`, `BetaDPOLoss`, `MADPORepoBetaDPOLoss`, `MADPOLoss`), picked in YAML by `class_path: madpo.losses.<Name>`.
 - `madpo.losses.robust`: more pairwise objectives (`CDPOLoss`, `RDPOLoss`, `ODPOLoss`, `MarginTargetLoss`,
   `HingeLoss`) and `WithChosenNLL`, RPO's NLL term added to any loss.
 
@@ -20,6 +20,7 @@ from madpo.losses.components import (
     LossContext,
     LossOutput,
     MADPOLoss,
+    MADPORepoBetaDPOLoss,
     PreferenceLoss,
     SFTLoss,
     build_loss,
@@ -73,6 +74,7 @@ __all__ = [
     "LossContext",
     "LossOutput",
     "MADPOLoss",
+    "MADPORepoBetaDPOLoss",
     "OdpoOffset",
     "PreferenceLoss",
     "SFTLoss",

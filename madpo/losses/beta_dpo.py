@@ -1,15 +1,21 @@
 """beta-DPO (Wu et al. 2024): a batch-level beta and a Gaussian filter on the implicit margin, with EMA state in
-buffers, as in the official code, with the port pitfalls handled."""
+buffers, as in the official code, with the port pitfalls handled; and the MADPO repository's variant of it, which
+produced the MADPO paper's beta-DPO row."""
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from madpo.losses.functional import _check_pairs, _check_positive, _weight_dtype, implicit_margin
+
+BETA_DPO_VARIANTS = ("official", "madpo_repo")
+REPO_EPS = 1e-6
+"""The MADPO repository adds this to the batch std and to the filter's denominator."""
 
 
 @dataclass
@@ -22,7 +28,7 @@ class BetaDPOOutput:
     gap_mean: Tensor  # 0-dim, EMA mu used for this batch
     gap_std: Tensor  # 0-dim, EMA s used for this batch
     kept_fraction: Tensor  # 0-dim, N_kept / N_global
-    clamped: Tensor  # 0-dim, 1.0 when beta_batch was raised to min_beta, else 0.0
+    clamped: Tensor  # 0-dim, 1.0 when the raw beta_batch was below min_beta (see BetaDPOSelection), else 0.0
 
 
 @dataclass
@@ -35,7 +41,7 @@ class BetaDPOSelection:
     gap_std: Tensor  # 0-dim EMA s used
     n: int  # pairs in the global batch
     n_kept: int  # pairs kept
-    clamped: bool = False  # beta_batch was raised to min_beta (eq. (11)'s floor)
+    clamped: bool = False  # the raw beta_batch was below min_beta: raised to it (official), left as is (madpo_repo)
 
 
 class BetaDPO(torch.nn.Module):
@@ -53,6 +59,12 @@ class BetaDPO(torch.nn.Module):
     - The mask is drawn on CPU in float64 with a dedicated ``torch.Generator`` seeded from (seed, step): every rank sees
       the same gathered A and the same generator, so all ranks draw the same mask, and a resumed run redraws it.
     - In eval mode nothing is updated: the EMAs are only read and ``step`` is not advanced.
+    Variant ``madpo_repo`` (the MADPO repository's beta-DPO, behind the MADPO paper's beta-DPO row), per optimiser step:
+        A_i = beta0 h_i;  mu, s start at (0, 1);  s <- momentum s + (1 - momentum) (std(A) + 1e-6)
+        p_i = exp(-0.5 ((A_i - mu) / (s + 1e-6))^2)
+        beta_batch = beta0 (1 + alpha (mean_all(A) - mu))        (all pairs, before filtering; not clamped)
+    The gap is then in units of beta0 nats, so beta_batch moves beta0 times less per nat of gap spread.
+
     - Uniform mask while s <= eps: the EMAs start at 0, so step 1 has s = (1 - momentum) std(A); when policy ==
       reference at init (LoRA B = 0, dropout off) A == 0 up to rounding and s ~ 0, and the filter would be 0/0 or a
       draw on rounding noise. Filtering on a degenerate spread carries no information, so every pair is then equally
@@ -74,9 +86,12 @@ class BetaDPO(torch.nn.Module):
         min_beta: float = 1e-3,
         eps: float = 1e-4,
         seed: int = 0,
+        variant: Literal["official", "madpo_repo"] = "official",
     ) -> None:
         super().__init__()
         _check_positive(beta=beta, min_beta=min_beta)
+        if variant not in BETA_DPO_VARIANTS:
+            raise ValueError(f"variant must be one of {BETA_DPO_VARIANTS}, got variant={variant!r}")
         if not 0 <= rho < 1:
             raise ValueError(f"rho (fraction of pairs filtered out) must be in [0, 1), got rho={rho!r}")
         if not 0 <= momentum < 1:
@@ -86,13 +101,15 @@ class BetaDPO(torch.nn.Module):
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got alpha={alpha!r}")
         self.beta0, self.alpha, self.rho, self.momentum = beta, alpha, rho, momentum
-        self.min_beta, self.eps, self.seed = min_beta, eps, int(seed)
+        self.min_beta, self.eps, self.seed, self.variant = min_beta, eps, int(seed), variant
         self.register_buffer("gap_mean", torch.zeros((), dtype=torch.float32))
-        self.register_buffer("gap_std", torch.zeros((), dtype=torch.float32))
+        # the MADPO repository starts the scale EMA at 1, so its first filter is not peaked
+        self.register_buffer("gap_std", torch.full((), 1.0 if variant == "madpo_repo" else 0.0, dtype=torch.float32))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta0}, alpha={self.alpha}, rho={self.rho}, momentum={self.momentum}, seed={self.seed}"
+        shown = f"beta={self.beta0}, alpha={self.alpha}, rho={self.rho}, momentum={self.momentum}, seed={self.seed}"
+        return shown if self.variant == "official" else f"{shown}, variant={self.variant!r}"
 
     def _generator(self, step: int) -> torch.Generator:
         """A CPU generator seeded from (seed, step): identical on every rank and after a resume."""
@@ -152,7 +169,8 @@ class BetaDPO(torch.nn.Module):
         optimiser step on the gaps of the whole step, as the method defines it."""
         b = gaps.shape[0]
 
-        # 1. gap A: detached, not beta-scaled, gathered over ranks; statistics on CPU in float64 (rank-identical)
+        # 1. gap A: detached, gathered over ranks, not beta-scaled (official) or scaled by beta0 (madpo_repo);
+        # statistics on CPU in float64 (rank-identical)
         a_local = gaps.detach()
         a_global = a_local if all_gather is None else all_gather(a_local)
         if a_global.dim() != 1 or b == 0 or a_global.shape[0] % b != 0:
@@ -161,6 +179,9 @@ class BetaDPO(torch.nn.Module):
         if not 0 <= rank < n // b:
             raise ValueError(f"rank must be in [0, {n // b}) for a gathered batch of {n} and B={b}, got rank={rank}")
         a = a_global.to(device="cpu", dtype=torch.float64)
+        repo = self.variant == "madpo_repo"
+        if repo:
+            a = self.beta0 * a
         order = torch.arange(n)
         if order_key is not None:
             _check_pairs(h=gaps, order_key=order_key)
@@ -171,6 +192,8 @@ class BetaDPO(torch.nn.Module):
         # 2. EMA update before use (training only); eval only reads the EMAs
         if self.training:
             batch_std = a.std() if n > 1 else a.new_zeros(())  # unbiased; undefined for one pair -> 0
+            if repo:
+                batch_std = batch_std + REPO_EPS
             mu_new = self.momentum * self.gap_mean.double().cpu() + (1 - self.momentum) * a.mean()
             s_new = self.momentum * self.gap_std.double().cpu() + (1 - self.momentum) * batch_std
             self.gap_mean.copy_(mu_new)
@@ -180,10 +203,10 @@ class BetaDPO(torch.nn.Module):
         s = self.gap_std.detach().double().cpu()
 
         # 3. Gaussian filter (uniform while s <= eps), rank-identical draw without replacement
-        if s.item() <= self.eps:
+        if s.item() <= self.eps and not repo:
             p = torch.ones_like(a)
         else:
-            log_p = -0.5 * ((a - mu) / s) ** 2
+            log_p = -0.5 * ((a - mu) / (s + REPO_EPS if repo else s)) ** 2
             # rescale so the largest weight is 1, and keep far-out pairs at a tiny positive weight, so that drawing
             # N_kept indices without replacement is always possible
             p = torch.exp(log_p - log_p.max()).clamp(min=torch.finfo(torch.float64).tiny)
@@ -194,9 +217,9 @@ class BetaDPO(torch.nn.Module):
         mask_global = torch.zeros(n, dtype=torch.bool)
         mask_global[order[idx]] = True
 
-        # 4. batch beta from the kept gaps, clamped and detached
-        raw_beta = self.beta0 * (1 + self.alpha * (a[kept_sorted].mean() - mu))
-        beta_batch = raw_beta.clamp(min=self.min_beta)
+        # 4. batch beta, detached: from the kept gaps and clamped (official), from all gaps and not clamped (madpo_repo)
+        raw_beta = self.beta0 * (1 + self.alpha * ((a.mean() if repo else a[kept_sorted].mean()) - mu))
+        beta_batch = raw_beta if repo else raw_beta.clamp(min=self.min_beta)
 
         mask = mask_global[rank * b : (rank + 1) * b]
         clamped = bool(raw_beta < self.min_beta)

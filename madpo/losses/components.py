@@ -373,9 +373,11 @@ class BetaDPOLoss(BetaDPO, PreferenceLoss):
     """
 
     metric_names = PAIR_METRICS + ("beta_dpo/kept",)
+    gap_variant = "official"
+    """`BetaDPO`'s variant; a subclass picks another, so the init arguments (and cached runs' keys) stay the same."""
 
     def __init__(self, beta: float = 0.1, alpha: float = 0.6, rho: float = 0.2, momentum: float = 0.9) -> None:
-        super().__init__(beta=beta, alpha=alpha, rho=rho, momentum=momentum)
+        super().__init__(beta=beta, alpha=alpha, rho=rho, momentum=momentum, variant=self.gap_variant)
         self.beta = beta
 
     def forward(  # type: ignore[override]
@@ -396,7 +398,7 @@ class BetaDPOLoss(BetaDPO, PreferenceLoss):
             losses, mask, beta_t, gap_mean, gap_std = out.losses, out.mask, out.beta, out.gap_mean, out.gap_std
             clamped = out.clamped
         metrics = {"beta_dpo/kept": mask.float(), **pair_metrics(self.beta, policy, reference)}
-        # beta_dpo/clamped: its epoch mean is the share of steps whose beta_batch sat at the floor min_beta
+        # beta_dpo/clamped: its epoch mean is the share of steps whose raw beta_batch was below the floor min_beta
         scalars = {"beta/effective": beta_t, "beta_dpo/gap_mean": gap_mean, "beta_dpo/gap_std": gap_std}
         scalars["beta_dpo/clamped"] = clamped
         return LossOutput(losses, metrics, scalars, loss=loss)
@@ -434,8 +436,24 @@ class BetaDPOLoss(BetaDPO, PreferenceLoss):
         return loss, masked * (selection.n / selection.n_kept), mask, selection
 
 
+class MADPORepoBetaDPOLoss(BetaDPOLoss):
+    """β-DPO as the MADPO repository runs it, the variant behind the MADPO paper's β-DPO row: the gap is scaled by
+    β0, the EMAs start at (0, 1), and β_batch = β0·(1 + α·(mean gap − μ)) over all pairs of the step, before the
+    filter, without a floor (it can go negative; `beta_dpo/clamped` then counts the steps below β_min).
+
+    Args:
+        beta: β0, the base temperature.
+        alpha: α in β_batch = β0·(1 + α·(mean gap − μ)).
+        rho: Fraction ρ of pairs filtered out per global batch.
+        momentum: EMA momentum γ of the gap statistics.
+    """
+
+    gap_variant = "madpo_repo"
+
+
 __all__ = [
     "BetaDPOLoss",
+    "MADPORepoBetaDPOLoss",
     "DPOLoss",
     "IPOLoss",
     "LogProbs",

@@ -238,10 +238,10 @@ class PolicyConfig:
     protocol)."""
 
     method: str | None = None
-    """A preset name instead of spelling out `loss` (`madpo.pipeline.presets`): dpo | ipo | beta_dpo | madpo |
-    madpo_amp_only | madpo_reg_only | madpo_no_downweight | madpo_no_amplify | odpo | margin_target | cdpo | rdpo |
-    hinge. It replaces `loss` with the preset's class and defining options, keeping the options of `loss` that class
-    also takes (β; c_max, τ, ... between MADPO variants). null: `loss` as given."""
+    """A preset name instead of spelling out `loss` (`madpo.pipeline.presets`): dpo | ipo | beta_dpo |
+    beta_dpo_madpo_repo | madpo | madpo_amp_only | madpo_reg_only | madpo_no_downweight | madpo_no_amplify | odpo |
+    margin_target | cdpo | rdpo | hinge. It replaces `loss` with the preset's class and defining options, keeping the
+    options of `loss` that class also takes (β; c_max, τ, ... between MADPO variants). null: `loss` as given."""
     tier: str = "high"
     """Preference-data quality tier: high | medium | low."""
     seed: int = 0

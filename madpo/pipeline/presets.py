@@ -13,6 +13,7 @@ from madpo.losses import (
     HingeLoss,
     IPOLoss,
     MADPOLoss,
+    MADPORepoBetaDPOLoss,
     MarginTargetLoss,
     ODPOLoss,
     PreferenceLoss,
@@ -23,6 +24,8 @@ METHODS: dict[str, tuple[type[PreferenceLoss], dict[str, Any]]] = {
     "dpo": (DPOLoss, {}),
     "ipo": (IPOLoss, {}),
     "beta_dpo": (BetaDPOLoss, {}),
+    # the MADPO repository's beta-DPO, behind the MADPO paper's beta-DPO row (docs/method.md)
+    "beta_dpo_madpo_repo": (MADPORepoBetaDPOLoss, {}),
     "madpo": (MADPOLoss, {"variant": "full"}),
     "madpo_amp_only": (MADPOLoss, {"variant": "amp_only"}),
     "madpo_reg_only": (MADPOLoss, {"variant": "reg_only"}),
