@@ -190,7 +190,7 @@ def test_stored_cells_are_skipped(reproduce: ModuleType, tmp_path: Path) -> None
 def test_a_cell_keeps_its_runs_final_metrics_and_the_report_shows_beta_dpos_batch_beta(
     reproduce: ModuleType, tmp_path: Path
 ) -> None:
-    methods = "dpo,beta_dpo,beta_dpo_madpo_repo"
+    methods = "dpo,madpo,beta_dpo_madpo_repo,beta_dpo"
     written = reproduce.main(args(tmp_path, "--methods", methods, "--seeds", "0"), pipeline=FakePipeline)
     assert "policy:policy-beta_dpo_madpo_repo-high-s0:MADPORepoBetaDPOLoss" in FakePipeline.calls
     records = [json.loads(p.read_text()) for p in (tmp_path / "cells").glob("policy-*.json")]
@@ -204,7 +204,12 @@ def test_a_cell_keeps_its_runs_final_metrics_and_the_report_shows_beta_dpos_batc
     assert "| beta_dpo | low | 0 | 0.1250 | 25% | 0.80 |" in section
     assert "| beta_dpo_madpo_repo | low | 0 | 0.1250 | 25% | 0.80 |" in section
     # the paper's β-DPO row stands beside both variants
+    rows = [ln.split(" | ")[0] for ln in md.split("\n\n| method |", 1)[1].split("\n\n")[0].splitlines()[2:]]
+    assert rows == ["| dpo", "| madpo", "| beta_dpo_madpo_repo", "| beta_dpo"]  # the order of --methods
     (repo_row,) = [ln for ln in md.splitlines() if ln.startswith("| beta_dpo_madpo_repo |") and "1.76" in ln]
+    # the paper's ordering is checked once per β-DPO variant, never one variant against the other
+    verdicts = [ln for ln in md.splitlines() if ln.startswith("- tier high: measured order")]
+    assert [("beta_dpo_madpo_repo" in v, "beta_dpo " in v + " ") for v in verdicts] == [(False, True), (True, False)]
     # a cell stored before the metrics were kept reads back without them and leaves the section out
     for p in (tmp_path / "cells").glob("policy-beta_dpo*.json"):
         record = json.loads(p.read_text())

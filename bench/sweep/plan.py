@@ -33,7 +33,7 @@ DEFAULT_METHODS = (
     "rdpo",
     "hinge",
 )
-BASELINES = ("dpo", "ipo", "beta_dpo")
+BASELINES = ("dpo", "ipo", "beta_dpo", "beta_dpo_madpo_repo")
 MARGIN_COMPETITORS = ("odpo", "margin_target")
 """Read the same reward-model margin as MADPO, another way (an offset, a target)."""
 NOISE_COMPETITORS = ("cdpo", "rdpo")

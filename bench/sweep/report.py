@@ -118,6 +118,9 @@ def main_table(
     pairs_ctx, reward_ctx, pending = pairs_ctx or {}, reward_ctx or {}, pending or []
     table_pending = [p for p in pending if p.report == "table"]
     methods = list(dict.fromkeys([c.method for c in cells] + [p.method for p in table_pending]))
+    # rows in the order of the command's --methods (a method pending on the first tier would otherwise come last)
+    listed = argv[argv.index("--methods") + 1].split(",") if "--methods" in argv[:-1] else []
+    methods.sort(key=lambda m: listed.index(m) if m in listed else len(listed))
     tiers = [t for t in TIER_NAMES if any(c.tier == t for c in cells) or any(p.policy.tier == t for p in pending)]
     agg = {
         (m, t): aggregate([c for c in cells if c.method == m and c.tier == t])
@@ -201,17 +204,20 @@ def _baseline_sections(agg: dict, tiers: list[str]) -> list[str]:
         lines.append(
             f"| {t} | {mad:.3f} | {name} {best:.3f} | {mad - best:+.3f} | {rel:+.1%} | {paper_gain.get(t, '–')} |"
         )
-        present = [m for m in ("madpo", "beta_dpo", "dpo", "ipo") if (m, t) in agg]
-        order = sorted(present, key=lambda m: -agg[(m, t)]["mean"])
-        steps = []
-        for a, b in zip(order, order[1:], strict=False):
-            d = agg[(a, t)]["mean"] - agg[(b, t)]["mean"]
-            noise = 1.96 * math.hypot(agg[(a, t)]["se"], agg[(b, t)]["se"])
-            steps.append(f"{a} − {b} = {d:+.3f} ({'resolved' if d > noise else f'within noise ±{noise:.3f}'})")
-        verdicts.append(
-            f"- tier {t}: measured order {' > '.join(order)}; the paper's order {' > '.join(present)} "
-            f"{'holds' if order == present else 'does not hold'} in the means. " + "; ".join(steps) + "."
-        )
+        # one verdict per β-DPO variant on the tier: the paper ranks one β-DPO, not the two against each other
+        variants = [v for v in ("beta_dpo", "beta_dpo_madpo_repo") if (v, t) in agg] or ["beta_dpo"]
+        for variant in variants:
+            present = [m for m in ("madpo", variant, "dpo", "ipo") if (m, t) in agg]
+            order = sorted(present, key=lambda m: -agg[(m, t)]["mean"])
+            steps = []
+            for a, b in zip(order, order[1:], strict=False):
+                d = agg[(a, t)]["mean"] - agg[(b, t)]["mean"]
+                noise = 1.96 * math.hypot(agg[(a, t)]["se"], agg[(b, t)]["se"])
+                steps.append(f"{a} − {b} = {d:+.3f} ({'resolved' if d > noise else f'within noise ±{noise:.3f}'})")
+            verdicts.append(
+                f"- tier {t}: measured order {' > '.join(order)}; the paper's order {' > '.join(present)} "
+                f"{'holds' if order == present else 'does not hold'} in the means. " + "; ".join(steps) + "."
+            )
     lines += [
         "",
         "Relative gain = (MADPO − best baseline) / |best baseline|; it is unstable when the baseline is "
