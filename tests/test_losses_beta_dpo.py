@@ -335,3 +335,23 @@ def test_the_madpo_repo_loss_is_a_preset_with_beta_dpos_options() -> None:
     assert method_name(repo) == "beta_dpo_madpo_repo" and method_name(official) == "beta_dpo"
     with pytest.raises(ValueError, match="variant"):
         BetaDPO(variant="paper")
+
+
+def test_filter_only_preset_keeps_the_filter_and_fixes_beta() -> None:
+    """`beta_dpo_filter_only` (alpha = 0) draws the same kept pairs as the repository variant on the same batches
+    (the filter reads the EMAs, which alpha does not touch) and trains them with beta0 at every step."""
+    from madpo.losses import MADPORepoBetaDPOLoss
+    from madpo.pipeline.presets import method_name, preset_loss
+
+    filter_only, repo = preset_loss("beta_dpo_filter_only"), preset_loss("beta_dpo_madpo_repo")
+    assert type(filter_only) is MADPORepoBetaDPOLoss and filter_only.init_args()["alpha"] == 0.0
+    assert method_name(filter_only) == "beta_dpo_filter_only" and method_name(repo) == "beta_dpo_madpo_repo"
+    a, b = BetaDPO(variant="madpo_repo", alpha=0.0), BetaDPO(variant="madpo_repo")
+    center, scale = 0.0, 1.0
+    for h in (A1, A2):
+        out, ref = a(*pairs(h)), b(*pairs(h))
+        assert out.mask.tolist() == ref.mask.tolist()
+        center, scale, beta, losses = expected_repo_step(h, out.mask.tolist(), center, scale, alpha=0.0)
+        assert beta == 0.1 and out.beta.item() == pytest.approx(0.1, rel=1e-7)
+        assert abs(ref.beta.item() - 0.1) > 1e-4  # the adaptive variant's beta moved on the same batch
+        assert_close(out.losses, losses, rtol=1e-6, atol=1e-9)

@@ -93,7 +93,7 @@ class FakePipeline:
         label = policy_label(cfg)
         FakePipeline.calls.append(f"policy:{label}:{type(cfg.loss).__name__}")
         metrics = {"train/loss_step": 0.9, "train/loss_epoch": 0.5, "train/loss": 0.5, "val/loss": 0.6}
-        if cfg.method in ("beta_dpo", "beta_dpo_madpo_repo"):
+        if cfg.method.startswith("beta_dpo"):
             metrics |= {"train/beta/effective_step": 0.3, "train/beta/effective_epoch": 0.125}
             metrics |= {"train/beta/effective": 0.125, "train/beta_dpo/kept_epoch": 0.8, "train/beta_dpo/kept": 0.8}
             metrics |= {"train/beta_dpo/clamped_epoch": 0.25, "train/beta_dpo/clamped": 0.25}
@@ -190,7 +190,7 @@ def test_stored_cells_are_skipped(reproduce: ModuleType, tmp_path: Path) -> None
 def test_a_cell_keeps_its_runs_final_metrics_and_the_report_shows_beta_dpos_batch_beta(
     reproduce: ModuleType, tmp_path: Path
 ) -> None:
-    methods = "dpo,madpo,beta_dpo_madpo_repo,beta_dpo"
+    methods = "dpo,madpo,beta_dpo_madpo_repo,beta_dpo,beta_dpo_filter_only"
     written = reproduce.main(args(tmp_path, "--methods", methods, "--seeds", "0"), pipeline=FakePipeline)
     assert "policy:policy-beta_dpo_madpo_repo-high-s0:MADPORepoBetaDPOLoss" in FakePipeline.calls
     records = [json.loads(p.read_text()) for p in (tmp_path / "cells").glob("policy-*.json")]
@@ -203,11 +203,14 @@ def test_a_cell_keeps_its_runs_final_metrics_and_the_report_shows_beta_dpos_batc
     assert "| beta_dpo | high | 0 | 0.1250 | 25% | 0.80 |" in section
     assert "| beta_dpo | low | 0 | 0.1250 | 25% | 0.80 |" in section
     assert "| beta_dpo_madpo_repo | low | 0 | 0.1250 | 25% | 0.80 |" in section
+    assert "| beta_dpo_filter_only | low | 0 | 0.1250 | 25% | 0.80 |" in section  # the α = 0 ablation is listed
     # the paper's β-DPO row stands beside both variants
     rows = [ln.split(" | ")[0] for ln in md.split("\n\n| method |", 1)[1].split("\n\n")[0].splitlines()[2:]]
-    assert rows == ["| dpo", "| madpo", "| beta_dpo_madpo_repo", "| beta_dpo"]  # the order of --methods
+    # in the order of --methods
+    assert rows == ["| dpo", "| madpo", "| beta_dpo_madpo_repo", "| beta_dpo", "| beta_dpo_filter_only"]
     (repo_row,) = [ln for ln in md.splitlines() if ln.startswith("| beta_dpo_madpo_repo |") and "1.76" in ln]
-    # the paper's ordering is checked once per β-DPO variant, never one variant against the other
+    # the paper's ordering is checked once per β-DPO variant, never one variant against the other; the ablation is
+    # not a baseline and gets no verdict
     verdicts = [ln for ln in md.splitlines() if ln.startswith("- tier high: measured order")]
     assert [("beta_dpo_madpo_repo" in v, "beta_dpo " in v + " ") for v in verdicts] == [(False, True), (True, False)]
     # a cell stored before the metrics were kept reads back without them and leaves the section out

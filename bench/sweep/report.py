@@ -237,7 +237,7 @@ def _baseline_sections(agg: dict, tiers: list[str]) -> list[str]:
 def _beta_dpo_section(cells: list[Cell]) -> list[str]:
     """What β-DPO's adaptation did in each of its cells (both variants): the batch β and kept share it trained with
     (last-epoch means, from the cell's `train_metrics`; cells stored before those were kept are left out)."""
-    variants = ("beta_dpo", "beta_dpo_madpo_repo")
+    variants = ("beta_dpo", "beta_dpo_madpo_repo", "beta_dpo_filter_only")
     rows = [c for c in cells if c.method in variants and "train/beta/effective" in (c.train_metrics or {})]
     if not rows:
         return []
@@ -264,7 +264,9 @@ def _beta_dpo_section(cells: list[Cell]) -> list[str]:
         "step at the floor β_min barely trains. `beta_dpo_madpo_repo` (the MADPO repository's, behind the paper's "
         "β-DPO row): the gap is β0·h, β_batch = β0·(1 + α·(mean gap − μ)) over all pairs and is not clamped, so "
         "'below the floor' counts steps with β_batch < β_min, negative ones included (docs/method.md). A β_batch "
-        "above β0 holds the policy closer to the reference. '–': the cell was stored before the floor was logged.",
+        "above β0 holds the policy closer to the reference. `beta_dpo_filter_only`: the repository's variant with "
+        "α = 0, so β_batch = β0 at every step and only the data filter acts (the ablation that says which of the two "
+        "moves the variant's result). '–': the cell was stored before the floor was logged.",
     ]
     return lines
 

@@ -24,6 +24,9 @@ METHODS: dict[str, tuple[type[PreferenceLoss], dict[str, Any]]] = {
     "dpo": (DPOLoss, {}),
     "ipo": (IPOLoss, {}),
     "beta_dpo": (BetaDPOLoss, {}),
+    # its ablation, alpha = 0: beta stays beta0 and only the data filter acts. Listed before the variant itself so
+    # that `method_name` finds the narrower preset first.
+    "beta_dpo_filter_only": (MADPORepoBetaDPOLoss, {"alpha": 0.0}),
     # the MADPO repository's beta-DPO, behind the MADPO paper's beta-DPO row (docs/method.md)
     "beta_dpo_madpo_repo": (MADPORepoBetaDPOLoss, {}),
     "madpo": (MADPOLoss, {"variant": "full"}),
