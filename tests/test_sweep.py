@@ -93,7 +93,7 @@ class FakePipeline:
         label = policy_label(cfg)
         FakePipeline.calls.append(f"policy:{label}:{type(cfg.loss).__name__}")
         metrics = {"train/loss_step": 0.9, "train/loss_epoch": 0.5, "train/loss": 0.5, "val/loss": 0.6}
-        if cfg.method.startswith("beta_dpo"):
+        if (cfg.method or "").startswith("beta_dpo"):
             metrics |= {"train/beta/effective_step": 0.3, "train/beta/effective_epoch": 0.125}
             metrics |= {"train/beta/effective": 0.125, "train/beta_dpo/kept_epoch": 0.8, "train/beta_dpo/kept": 0.8}
             metrics |= {"train/beta_dpo/clamped_epoch": 0.25, "train/beta_dpo/clamped": 0.25}
