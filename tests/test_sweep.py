@@ -319,6 +319,23 @@ def test_matched_kl_reads_madpos_frontier_at_the_other_methods_kl(reproduce: Mod
     assert f"| 8.00 | 0.900 | odpo | {0.55 + 0.45 * 3 / 7:.3f} | {0.9 - 0.55 - 0.45 * 3 / 7:+.3f} |" in lines
     assert "| 4.00 | 0.500 | odpo | – | outside odpo's range |" in lines
     assert figures.matched_kl_lines({"odpo": [(5.0, 0.55)]}, "beta") == []  # no MADPO frontier: no section
+    one_point = figures.matched_kl_lines({"madpo": madpo, "ipo": [(5.0, 0.55)]}, "beta")
+    assert "| ipo | 5.00 | 0.550 | 0.600 | +0.050 |" in one_point  # read against MADPO's frontier
+    assert not any("And the other way round" in line for line in one_point)  # but it has no frontier to read
+
+
+def test_each_method_is_read_against_dpos_frontier_at_its_own_kl(reproduce: ModuleType) -> None:
+    import sweep.figures as figures
+
+    dpo = [(10.0, 1.0), (20.0, 1.6)]  # (KL, reward), sorted by KL
+    curves = {"dpo": dpo, "filter": [(16.0, 1.2)], "madpo": [(12.0, 1.3), (25.0, 2.0)]}
+    lines = figures.against_dpo_lines(curves, "beta")
+    assert "| filter | 16.00 | 1.200 | 1.360 | -0.160 |" in lines  # 1.0 + 0.6·(16 − 10)/10 = 1.36: a loss at its KL
+    assert "| madpo | 12.00 | 1.300 | 1.120 | +0.180 |" in lines
+    assert "| madpo | 25.00 | 2.000 | – | outside DPO's range |" in lines
+    assert not any(line.startswith("| dpo |") for line in lines)  # DPO is the reference, not a row
+    assert figures.against_dpo_lines({"dpo": [(10.0, 1.0)], "filter": [(16.0, 1.2)]}, "beta") == []  # one point
+    assert figures.against_dpo_lines({"madpo": curves["madpo"]}, "beta") == []  # no DPO frontier: no section
 
 
 def test_frontier_methods_are_planned_and_compared_at_matched_kl(reproduce: ModuleType, tmp_path: Path) -> None:
@@ -328,6 +345,7 @@ def test_frontier_methods_are_planned_and_compared_at_matched_kl(reproduce: Modu
     assert len(runs) == 3 * 2 * 2  # 3 methods, 2 β, 2 seeds
     md = (tmp_path / "results" / "reward_kl_frontier.md").read_text()
     assert "At matched KL" in md and "| odpo |" in md and Path(written["frontier"]).exists()
+    assert "Against DPO's frontier" in md
     with pytest.raises(SystemExit, match="unknown method"):
         reproduce.main(args(tmp_path, *extra[:-1], "dpo,nope"), pipeline=FakePipeline)
 

@@ -42,6 +42,9 @@ def matched_kl_lines(curves: dict[str, list[tuple[float, float]]], knob: str) ->
             at = interpolate(mad, kl)
             gain = "outside MADPO's range" if at is None else f"{at - reward:+.3f}"
             lines.append(f"| {method} | {kl:.2f} | {reward:.3f} | {'–' if at is None else f'{at:.3f}'} | {gain} |")
+    curved = {m: c for m, c in others.items() if len(c) > 1}  # a single point has no frontier to read
+    if not curved:
+        return lines
     lines += [
         "",
         "And the other way round: at each point of MADPO's frontier, the other method's frontier read at its KL.",
@@ -50,18 +53,45 @@ def matched_kl_lines(curves: dict[str, list[tuple[float, float]]], knob: str) ->
         "|---|---|---|---|---|",
     ]
     for kl, reward in mad:
-        for method, curve in others.items():
+        for method, curve in curved.items():
             at = interpolate(curve, kl)
             gain = f"outside {method}'s range" if at is None else f"{reward - at:+.3f}"
             lines.append(f"| {kl:.2f} | {reward:.3f} | {method} | {'–' if at is None else f'{at:.3f}'} | {gain} |")
     return lines
 
 
+def against_dpo_lines(curves: dict[str, list[tuple[float, float]]], knob: str) -> list[str]:
+    """Every other method's points against DPO's frontier: DPO reads no margins and no filter, so its curve over the
+    knob is what moving the policy further costs and buys on its own; a method's gain at its own KL is its gain over
+    that. Linear between DPO's knob values (the frontier bends down, so this reads DPO a little low); None outside
+    DPO's KL range."""
+    dpo = curves.get("dpo")
+    if not dpo or len(dpo) < 2 or len(curves) < 2:
+        return []
+    lines = [
+        "",
+        f"Against DPO's frontier: each other method's point, and DPO's frontier (mean over seeds, linear between its "
+        f"{knob} values) read at that point's KL. A gain at the same {knob} that vanishes here came from moving "
+        "further from the reference, which DPO buys along its own frontier.",
+        "",
+        "| method | its KL | its reward | DPO at that KL | method − DPO |",
+        "|---|---|---|---|---|",
+    ]
+    for method, curve in curves.items():
+        if method == "dpo":
+            continue
+        for kl, reward in curve:
+            at = interpolate(dpo, kl)
+            gain = "outside DPO's range" if at is None else f"{reward - at:+.3f}"
+            lines.append(f"| {method} | {kl:.2f} | {reward:.3f} | {'–' if at is None else f'{at:.3f}'} | {gain} |")
+    return lines
+
+
 def frontier_report(
     cfg: PipelineConfig, argv: list[str], wall: float, cells: list[Cell], knob: str, out_dir: Path
 ) -> str:
-    """reward_kl_frontier.md (+ .png beside it): each method over the knob's grid, mean over seeds per value, and
-    MADPO against the others at matched KL."""
+    """reward_kl_frontier.md (+ .png beside it): each method over the knob's grid, mean over seeds per value, MADPO
+    against the others at matched KL, and every method against DPO's frontier."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +117,7 @@ def frontier_report(
             yerr=[1.96 * a["se"] for _, a in points],
             marker="o",
             color=color,
-            label=f"{method} (mean over seeds, 95 % CI)",
+            label=method,
             capsize=3,
         )
         for (v, a), x, y in zip(points, kl, mean, strict=True):
@@ -95,9 +125,13 @@ def frontier_report(
             summary.append(f"| {v:g} | {method} | {a['mean']:.3f} ± {a['se']:.3f} | {a['kl']:.2f} ± {a['kl_se']:.2f} |")
     ax.set_xlabel("KL(π‖π_SFT), nats per continuation")
     ax.set_ylabel("mean oracle reward")
-    ax.set_title(f"Reward–KL frontier, tier {cells[0].tier if cells else '?'}, grid over {knob}")
+    ax.set_title(
+        f"Reward–KL frontier, tier {cells[0].tier if cells else '?'}, grid over {knob}\n"
+        "mean over seeds, 95 % CI; faint: each seed",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     png = out_dir / "reward_kl_frontier.png"
     fig.savefig(png, dpi=130)
@@ -112,6 +146,7 @@ def frontier_report(
         "|---|---|---|---|",
         *summary,
         *matched_kl_lines(curves, knob),
+        *against_dpo_lines(curves, knob),
         "",
         "Every run:",
         "",
