@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -506,6 +507,56 @@ def test_cells_and_records_stored_before_builds_count_as_one_unrecorded_build(
     written = reproduce.main(args(tmp_path, "--methods", "dpo,madpo"), pipeline=FakePipeline)
     md = Path(written["table"]).read_text()
     assert "## Input builds (2)" in md and "| `unrecorded` | dpo high s0" in md
+
+
+def _stored_results(cells_dir: Path) -> dict[str, dict]:
+    return {path.name: json.loads(path.read_text())["result"] for path in sorted(cells_dir.glob("*.json"))}
+
+
+def test_each_build_declared_after_storing_has_equal_records_of_its_own(reproduce: ModuleType) -> None:
+    """A build written into records stored before builds were recorded (`inputs.declared`) must rest on evidence in
+    the same store: the declared SFT evaluation and pairs records equal, in every number, records that computed that
+    build themselves. The check fails when the build named is another, when a number differs, or when the build's own
+    record is missing."""
+    import copy
+
+    import sweep.builds
+    import sweep.cells
+
+    stores = sorted(p for p in (REPO / "bench" / "results" / "cells").iterdir() if p.is_dir())
+    for store in stores:
+        assert sweep.builds.declared_without_evidence(_stored_results(store)) == [], store
+    results = _stored_results(REPO / "bench" / "results" / "cells" / "paper_size")
+    declared = {n: r for n, r in results.items() if "declared" in (r.get("cell", r).get("inputs") or {})}
+    assert {n.split("-", 1)[0] for n in declared} >= {"sft_eval", "pairs_context", "policy"}  # not vacuous
+
+    def broken(edit: Callable[[dict[str, dict]], None]) -> list[str]:
+        changed = copy.deepcopy(results)
+        edit(changed)
+        return sweep.builds.declared_without_evidence(changed)
+
+    def other_build(rs: dict[str, dict]) -> None:  # declared as the Zen 5 build, whose records differ
+        for name in declared:
+            rs[name].get("cell", rs[name])["inputs"]["build"] = "b5ef5171f4d3"
+
+    def one_number(rs: dict[str, dict]) -> None:
+        name = next(n for n in declared if n.startswith("pairs_context"))
+        rs[name]["frac_disagree"] += 1e-15
+
+    def own_record_gone(rs: dict[str, dict]) -> None:
+        build = next(iter(declared.values())).get("inputs", {}).get("build")
+        for name in [n for n, r in rs.items() if n.startswith("sft_eval") and n not in declared]:
+            if (rs[name].get("inputs") or {}).get("build") == build:
+                del rs[name]
+
+    assert any("differs" in p for p in broken(other_build))
+    assert any("differs from the build's own pairs_context-high" in p for p in broken(one_number))
+    assert any("no sft_eval record it computed" in p for p in broken(own_record_gone))
+    dpo = next(r["cell"] for n, r in declared.items() if n.startswith("policy-dpo"))
+    cell = sweep.cells.Cell(**dpo)
+    assert sweep.builds.build_of(cell) == dpo["inputs"]["build"]
+    text = "\n".join(sweep.builds.builds_section([cell, dataclasses.replace(cell, inputs=None)], {}))
+    assert "declared afterwards" in text and f"`{dpo['inputs']['build']}`" in text
 
 
 def test_the_build_hash_reads_every_byte_but_the_model_card_and_no_path(reproduce: ModuleType, tmp_path: Path) -> None:

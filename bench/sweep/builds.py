@@ -7,7 +7,9 @@ LM's and SFT's weights in the last digits, a sampled token flips where a draw fa
 that completion follows. So a committed cell and a cell trained on another machine may have read different pairs.
 Each cell and record therefore stores content hashes of what it read (`InputBuild`); the report groups them by
 build, quotes each build's own label noise and reward-model numbers, and pairs two methods' cells only within one
-build. A record or cell stored before builds were recorded has none: its build is "unrecorded".
+build. A record or cell stored before builds were recorded has none: its build is "unrecorded", unless it was
+declared afterwards (`DECLARED`): a build written into its inputs later, on the evidence of records that computed the
+build themselves.
 
 The hash covers what training and evaluation read: the SFT model's weights, config and tokenizer, and the pairs'
 texts, labels and sources. It leaves out the model card (it carries its run's throughput) and the oracle's scores in
@@ -106,6 +108,53 @@ oracle gap (to the oracle's float noise), the same SFT evaluation (2,000 sampled
 reward-model margins on 9,980 pairs (digest `8527ae2277cd`)."""
 
 
+DECLARED = "declared"
+"""The key, under a stored record's `inputs`, of the words that say its build was written there after it was stored,
+and why. `declared_without_evidence` checks each such build against the store's own records of it."""
+EVIDENCE_KINDS = ("sft_eval", "pairs_context")
+"""The records that identify a build's content: the SFT model's evaluation (2,000 sampled completions) and a tier's
+pairs (count, label noise, mean oracle gap)."""
+NOT_CONTENT = frozenset({"inputs", "seconds"})
+"""Record fields that say nothing about a build's content: the build itself and a stage's run time."""
+
+
+def declared_without_evidence(records: dict[str, dict]) -> list[str]:
+    """What leaves a declared build unsupported in one store. `records`: {file name: stored result}. A build written
+    into records after they were stored (their `inputs` carry `DECLARED`) needs, among those records, an SFT
+    evaluation and a pairs record, each equal in every content field to a record of the same kind (and tier) that
+    computed that build itself. On one kind of CPU a build reproduces bit for bit, so equality is exact."""
+
+    def kind(name: str, result: dict) -> str:
+        prefix = name.split("-", 1)[0]
+        return f"{prefix}-{result['tier']}" if prefix == "pairs_context" else prefix
+
+    def content(result: dict) -> dict:
+        return {k: v for k, v in result.items() if k not in NOT_CONTENT}
+
+    declared: dict[str, list[tuple[str, dict]]] = {}
+    computed: dict[tuple[str, str], list[dict]] = {}
+    for name, result in records.items():
+        result = result.get("cell", result)
+        inputs = result.get("inputs") or {}
+        if DECLARED in inputs:
+            declared.setdefault(inputs["build"], []).append((name, result))
+        elif "build" in inputs and name.startswith(EVIDENCE_KINDS):
+            computed.setdefault((inputs["build"], kind(name, result)), []).append(content(result))
+    problems = []
+    for build, items in declared.items():
+        evidence = [(name, r) for name, r in items if name.startswith(EVIDENCE_KINDS)]
+        for needed in EVIDENCE_KINDS:
+            if not any(name.startswith(needed) for name, _ in evidence):
+                problems.append(f"build {build}: no declared {needed} record to compare with the build's own")
+        for name, result in evidence:
+            own = computed.get((build, kind(name, result)), [])
+            if not own:
+                problems.append(f"build {build}: {name}: the store has no {kind(name, result)} record it computed")
+            elif content(result) not in own:
+                problems.append(f"build {build}: {name} differs from the build's own {kind(name, result)} record")
+    return problems
+
+
 def build_of(item: dict | Any | None) -> str:
     """The build label of a stored record's result, or of a Cell: its build hash (the later hash of the same content
     for an old one in `SAME_CONTENT`), else `UNRECORDED`."""
@@ -153,6 +202,13 @@ def builds_section(cells: list, contexts: dict[str, dict]) -> list[str]:
         lines[-1] += (
             f" Cells stored with build `{old}` (hashed before the hash left out the model card) are listed under "
             f"`{SAME_CONTENT[old]}`, the same content (`SAME_CONTENT` in bench/sweep/builds.py)."
+        )
+    declared = sorted({c.inputs["build"] for c in cells if DECLARED in (c.inputs or {})})
+    if declared:
+        lines[-1] += (
+            " Cells stored before builds were recorded and declared afterwards are listed under the declared build "
+            f"({', '.join(f'`{b}`' for b in declared)}): their SFT evaluation and pairs equal that build's own records "
+            "in every number (`declared` in their inputs says why; checked by tests/test_sweep.py)."
         )
     if UNRECORDED in builds:
         lines[-1] += (
